@@ -1,0 +1,36 @@
+# `make demo` and `make test` set the environment up themselves (idempotently) in .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-extended lint docs venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-extended: $(STAMP)
+	ATTNZOO_EXTENDED=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/attnzoo docs --check
+
+docs: $(STAMP)
+	$(VENV)/bin/attnzoo docs
+
+demo: $(STAMP)
+	$(VENV)/bin/attnzoo list
+	$(VENV)/bin/attnzoo check
+	$(PY) examples/quickstart.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,29 @@
+"""attnzoo: efficient attention for PyTorch, one API over the efficient-attention literature."""
+
+from . import methods as _methods  # noqa: F401  (registers every method)
+from . import nn
+from ._version import __version__
+from .api import Explanation, attention, explain
+from .errors import NoBackendError
+from .inputs import AttentionCall
+from .kernels.lse import merge_attention_states
+from .registry import AttentionOutput, Backend, Capabilities, Method, Paper, get_method, methods, register
+
+__all__ = [
+    "AttentionCall",
+    "AttentionOutput",
+    "Backend",
+    "Capabilities",
+    "Explanation",
+    "Method",
+    "NoBackendError",
+    "Paper",
+    "__version__",
+    "attention",
+    "explain",
+    "get_method",
+    "merge_attention_states",
+    "methods",
+    "nn",
+    "register",
+]

@@ -1,0 +1,107 @@
+"""``dense``: exact softmax attention, the drop-in for ``F.scaled_dot_product_attention``.
+
+Backends, in dispatch order:
+
+* ``sdpa``: PyTorch's SDPA (a fused flash kernel with O(N) memory on CPU); bitwise SDPA.
+* ``tiled``: online softmax over key blocks in plain PyTorch with its own backward; O(N * block)
+  extra memory whatever the masks, so it takes over when SDPA would need a large dense mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..inputs import AttentionCall
+from ..kernels.masks import dense_visibility
+from ..kernels.reference import softmax_reference
+from ..kernels.sdpa import sdpa_attention, sdpa_reasons
+from ..kernels.tiled import tiled_attention
+from ..params import MethodParams
+from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+
+
+@dataclass(frozen=True)
+class DenseParams(MethodParams):
+    """Exact attention takes no parameters."""
+
+
+def reference(call: AttentionCall, params: DenseParams) -> AttentionOutput:
+    """softmax(q k^T * scale + attn_mask, hidden keys removed) @ v, every score materialised."""
+    out, lse = softmax_reference(call, dense_visibility(call), _float_mask(call))
+    return AttentionOutput(out, lse if call.return_lse else None)
+
+
+def _float_mask(call: AttentionCall) -> Tensor | None:
+    mask = call.attn_mask
+    return mask if mask is not None and mask.dtype != torch.bool else None
+
+
+def _bool_mask(call: AttentionCall) -> Tensor | None:
+    mask = call.attn_mask
+    return mask if mask is not None and mask.dtype == torch.bool else None
+
+
+def _run_sdpa(call: AttentionCall, params: DenseParams) -> AttentionOutput:
+    return AttentionOutput(*sdpa_attention(call))
+
+
+def _run_tiled(call: AttentionCall, params: DenseParams) -> AttentionOutput:
+    out, lse = tiled_attention(
+        call.query,
+        call.key,
+        call.value,
+        scale=call.scale,
+        is_causal=call.is_causal,
+        kv_mask=call.kv_mask,
+        mask=_bool_mask(call),
+        bias=_float_mask(call),
+    )
+    return AttentionOutput(out, lse if call.return_lse else None)
+
+
+def _tiled_reasons(call: AttentionCall, params: DenseParams) -> list[str]:
+    reasons = []
+    if call.dropout_p > 0:
+        reasons.append("dropout_p > 0 is not implemented (sdpa supports it)")
+    if call.attn_mask is not None and call.attn_mask.requires_grad:
+        reasons.append("attn_mask requires grad; this backward gives no mask gradient")
+    return reasons
+
+
+DENSE = register(
+    Method(
+        name="dense",
+        family="exact",
+        exact=True,
+        summary=(
+            "Exact softmax attention, softmax(QK^T/sqrt(d))V. Dispatches to PyTorch's fused SDPA kernel; "
+            "a plain-PyTorch tiled online-softmax kernel (FlashAttention's recurrence, with its own "
+            "backward) takes over where SDPA would need a large dense mask."
+        ),
+        paper=Paper(
+            "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness (Dao et al., 2022)",
+            "https://arxiv.org/abs/2205.14135",
+        ),
+        capabilities=Capabilities(
+            causal=True,
+            noncausal=True,
+            cross=True,
+            gqa=True,
+            kv_mask=True,
+            attn_mask=True,
+            dropout=True,
+            lse=True,
+        ),
+        params=DenseParams,
+        reference=reference,
+        backends=(
+            Backend("sdpa", _run_sdpa, sdpa_reasons, description="torch.nn.functional.scaled_dot_product_attention"),
+            Backend("tiled", _run_tiled, _tiled_reasons, description="online softmax over key blocks, plain PyTorch"),
+        ),
+    )
+)
+
+__all__ = ["DENSE", "DenseParams"]
