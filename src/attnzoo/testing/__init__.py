@@ -1,0 +1,31 @@
+"""Conformance checks generated from the registry, shared by the test suite and ``attnzoo check``."""
+
+from .conformance import (
+    Case,
+    CheckResult,
+    Shape,
+    check_case,
+    check_causality,
+    check_degenerate,
+    check_gradcheck,
+    check_prefix,
+    conformance_cases,
+    property_checks,
+    run_checks,
+)
+from .poison import poison_uninitialized
+
+__all__ = [
+    "Case",
+    "CheckResult",
+    "Shape",
+    "check_case",
+    "check_causality",
+    "check_degenerate",
+    "check_gradcheck",
+    "check_prefix",
+    "conformance_cases",
+    "poison_uninitialized",
+    "property_checks",
+    "run_checks",
+]

@@ -1,0 +1,106 @@
+"""The conformance suite catches broken methods: each check below must fail on a planted bug."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.methods.dense import DENSE
+from attnzoo.registry import AttentionOutput, Backend, registered
+from attnzoo.testing import check_case, check_causality, check_gradcheck, check_prefix, conformance_cases
+from attnzoo.testing.bad_inputs import bad_inputs
+
+
+def _variant(name, run):
+    return dataclasses.replace(DENSE, name=name, backends=(Backend("buggy", run),))
+
+
+def _sdpa(call, **changes):
+    call = call.replace(**changes)
+    return attnzoo.get_method("dense").backend("sdpa").run(call, None)
+
+
+def leaks_future(call, params):
+    return _sdpa(call, is_causal=False, return_lse=call.return_lse)
+
+
+def wrong_scale(call, params):
+    return _sdpa(call, scale=call.scale * 1.01)
+
+
+def partly_uninitialised(call, params):
+    result = _sdpa(call)
+    out = result.out.new_empty(result.out.shape)
+    out[..., : max(1, call.q_len // 2), :] = result.out[..., : max(1, call.q_len // 2), :]
+    return AttentionOutput(out, result.lse)
+
+
+class _NoKeyGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k):
+        return k.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+def drops_key_gradient(call, params):
+    return _sdpa(call, key=_NoKeyGrad.apply(call.key))
+
+
+def _gold_failures(name):
+    cases = [c for c in conformance_cases([name], quick=True) if c.dtype == torch.float32]
+    return [c.pattern.name for c in cases if not check_case(c).passed]
+
+
+def test_future_leak_is_caught():
+    with registered(_variant("leaky", leaks_future)) as spec:
+        assert not check_causality(spec, "buggy", {}).passed
+        assert not check_prefix(spec, "buggy", {}).passed
+        assert "causal" in _gold_failures(spec.name)
+
+
+def test_small_numerical_error_is_caught():
+    with registered(_variant("off_by_one_percent", wrong_scale)) as spec:
+        failures = _gold_failures(spec.name)
+        assert "full" in failures and "causal" in failures
+
+
+def test_unwritten_memory_is_caught_by_poisoning():
+    with registered(_variant("uninitialised", partly_uninitialised)) as spec:
+        assert {"causal", "cross"} <= set(_gold_failures(spec.name))
+
+
+def test_wrong_gradient_is_caught():
+    with registered(_variant("no_key_grad", drops_key_gradient)) as spec:
+        assert not check_gradcheck(spec, "buggy", {}).passed
+        case = next(c for c in conformance_cases([spec.name], quick=True) if c.pattern.name == "full")
+        result = check_case(case)
+        assert not result.passed and "grad_k" in result.message
+
+
+def test_a_registered_method_is_picked_up_everywhere():
+    with registered(_variant("another_dense", DENSE.backends[0].run)) as spec:
+        assert spec in attnzoo.methods()
+        assert conformance_cases([spec.name])
+        assert len(bad_inputs(spec)) >= 20
+    assert spec not in attnzoo.methods()
+
+
+def test_capability_refusals_come_from_the_registry():
+    narrow = dataclasses.replace(
+        DENSE, name="narrow", capabilities=attnzoo.Capabilities(causal=True, noncausal=False)
+    )
+    with registered(narrow) as spec:
+        q = torch.randn(1, 2, 8, 4)
+        for kwargs, argument in [
+            ({"is_causal": False}, "is_causal"),
+            ({"is_causal": True, "kv_mask": torch.ones(1, 8, dtype=torch.bool)}, "kv_mask"),
+            ({"is_causal": True, "return_lse": True}, "return_lse"),
+        ]:
+            with pytest.raises(ValueError, match=argument):
+                attnzoo.attention(q, q, q, method=spec.name, **kwargs)
+        with pytest.raises(ValueError, match="key"):
+            attnzoo.attention(q, q[:, :1], q[:, :1], is_causal=True, method=spec.name)
