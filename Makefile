@@ -22,6 +22,7 @@ test-extended: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/attnzoo docs --check
 
 docs: $(STAMP)

@@ -32,7 +32,9 @@ SHARED_ARGUMENTS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_equals_sdpa_bitwise(kwargs, dtype):
     q, k, v = _qkv(dtype=dtype)
-    kwargs = {n: (a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for n, a in kwargs.items()}
+    kwargs = {
+        n: (a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for n, a in kwargs.items()
+    }
     assert torch.equal(attnzoo.attention(q, k, v, **kwargs), F.scaled_dot_product_attention(q, k, v, **kwargs))
 
 

@@ -90,9 +90,7 @@ def test_a_registered_method_is_picked_up_everywhere():
 
 
 def test_capability_refusals_come_from_the_registry():
-    narrow = dataclasses.replace(
-        DENSE, name="narrow", capabilities=attnzoo.Capabilities(causal=True, noncausal=False)
-    )
+    narrow = dataclasses.replace(DENSE, name="narrow", capabilities=attnzoo.Capabilities(causal=True, noncausal=False))
     with registered(narrow) as spec:
         q = torch.randn(1, 2, 8, 4)
         for kwargs, argument in [

@@ -1,5 +1,7 @@
 """merge_attention_states: attention over the union of key sets, from its parts."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ def test_random_key_splits_merge_exactly(seed):
     v = torch.randn(2, 2, nk, 8, generator=gen, dtype=torch.float64)
     cuts = sorted(torch.randperm(nk - 1, generator=gen)[: int(torch.randint(1, min(6, nk), (1,), generator=gen))] + 1)
     bounds = [0, *[int(c) for c in cuts], nk]
-    parts = [attnzoo.attention(q, k[:, :, a:b], v[:, :, a:b], return_lse=True) for a, b in zip(bounds, bounds[1:])]
+    parts = [attnzoo.attention(q, k[:, :, a:b], v[:, :, a:b], return_lse=True) for a, b in itertools.pairwise(bounds)]
     out, lse = attnzoo.merge_attention_states([p[0] for p in parts], [p[1] for p in parts])
     expected, expected_lse = attnzoo.attention(q, k, v, return_lse=True)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)

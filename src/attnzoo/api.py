@@ -55,8 +55,18 @@ def prepare(
     """Validate everything a call asks for, before any computation."""
     spec = get_method(method)
     call = build_call(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, kv_mask,
-        return_lse, return_state, spec.capabilities.spatial_dims,
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        kv_mask,
+        return_lse,
+        return_state,
+        spec.capabilities.spatial_dims,
     )
     errors = capability_errors(spec, call)
     if errors:
@@ -72,8 +82,9 @@ def select_backend(spec: Method, call: AttentionCall, params: MethodParams, back
         chosen = spec.backend(backend)
         reasons = [] if backend == REFERENCE else chosen.why_not(call, params)
         if reasons:
-            raise NoBackendError(f"backend {backend!r} of method {spec.name!r} cannot run {call.describe()}: "
-                                 + "; ".join(reasons))
+            raise NoBackendError(
+                f"backend {backend!r} of method {spec.name!r} cannot run {call.describe()}: " + "; ".join(reasons)
+            )
         return chosen
     all_reasons = {}
     for candidate in spec.backends:
@@ -148,8 +159,19 @@ def attention(
         >>> out, lse = attnzoo.attention(q, k, v, is_causal=True, return_lse=True)
     """
     spec, call, method_params = prepare(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        method=method, kv_mask=kv_mask, return_lse=return_lse, return_state=return_state, **params,
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        method=method,
+        kv_mask=kv_mask,
+        return_lse=return_lse,
+        return_state=return_state,
+        **params,
     )
     result = _execute(select_backend(spec, call, method_params, backend), call, method_params)
     if not (return_lse or return_state):
@@ -181,8 +203,19 @@ def explain(
         >>> print(attnzoo.explain(q, k, v, is_causal=True, return_lse=True))
     """
     spec, call, method_params = prepare(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        method=method, kv_mask=kv_mask, return_lse=return_lse, return_state=return_state, **params,
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        method=method,
+        kv_mask=kv_mask,
+        return_lse=return_lse,
+        return_state=return_state,
+        **params,
     )
     reasons = {b.name: b.why_not(call, method_params) for b in spec.backends}
     chosen = next((name for name, why in reasons.items() if not why), None)

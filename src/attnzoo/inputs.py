@@ -122,9 +122,7 @@ def _check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rank
         if t.dim() not in ranks:
             expected = " or ".join(str(r) for r in ranks)
             layout = "[B, H, N, D]" if ranks == (4,) else "[B, H, *spatial, D]"
-            raise ValueError(
-                f"{name} must have rank {expected} (layout {layout}), got shape {list(t.shape)}"
-            )
+            raise ValueError(f"{name} must have rank {expected} (layout {layout}), got shape {list(t.shape)}")
         if any(s == 0 for s in t.shape):
             raise ValueError(f"{name} has an empty dimension: shape {list(t.shape)}")
     for name, t in (("key", key), ("value", value)):
@@ -138,9 +136,7 @@ def _check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rank
 
 def _check_heads_and_lengths(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
-        raise ValueError(
-            f"batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, value {value.shape[0]}"
-        )
+        raise ValueError(f"batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, value {value.shape[0]}")
     if value.shape[1] != key.shape[1]:
         raise ValueError(f"value has {value.shape[1]} heads but key has {key.shape[1]}")
     if query.shape[1] % key.shape[1] != 0:
@@ -150,13 +146,10 @@ def _check_heads_and_lengths(query: torch.Tensor, key: torch.Tensor, value: torc
         )
     if key.shape[2:-1] != value.shape[2:-1]:
         raise ValueError(
-            f"key and value must have the same length, got {list(key.shape[2:-1])} and "
-            f"{list(value.shape[2:-1])}"
+            f"key and value must have the same length, got {list(key.shape[2:-1])} and {list(value.shape[2:-1])}"
         )
     if key.shape[-1] != query.shape[-1]:
-        raise ValueError(
-            f"key head size {key.shape[-1]} differs from query head size {query.shape[-1]}"
-        )
+        raise ValueError(f"key head size {key.shape[-1]} differs from query head size {query.shape[-1]}")
 
 
 def _check_kv_mask(kv_mask: Any, batch: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
@@ -177,9 +170,7 @@ def _check_attn_mask(attn_mask: Any, query: torch.Tensor, full: tuple[int, int, 
         return None
     attn_mask = _require_tensor("attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-        raise TypeError(
-            f"attn_mask must be bool or have the query dtype {query.dtype}, got {attn_mask.dtype}"
-        )
+        raise TypeError(f"attn_mask must be bool or have the query dtype {query.dtype}, got {attn_mask.dtype}")
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
     if attn_mask.dim() < 2 or attn_mask.dim() > 4:
@@ -190,8 +181,7 @@ def _check_attn_mask(attn_mask: Any, query: torch.Tensor, full: tuple[int, int, 
     for size, expected in zip(reversed(attn_mask.shape), reversed(full)):
         if size not in (1, expected):
             raise ValueError(
-                f"attn_mask shape {list(attn_mask.shape)} does not broadcast to [B, H, Nq, Nk] = "
-                f"{list(full)}"
+                f"attn_mask shape {list(attn_mask.shape)} does not broadcast to [B, H, Nq, Nk] = {list(full)}"
             )
     while attn_mask.dim() < 4:
         attn_mask = attn_mask.unsqueeze(0)

@@ -57,8 +57,7 @@ class MethodParams:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(
-                f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {method!r}; "
-                f"{cls.signature_text()}"
+                f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {method!r}; {cls.signature_text()}"
             )
         return cls(**kwargs)
 
@@ -81,9 +80,7 @@ def type_name(annotation: Any) -> str:
     if origin is Literal:
         return "Literal[" + ", ".join(repr(a) for a in typing.get_args(annotation)) + "]"
     if origin is tuple:
-        return "tuple[" + ", ".join(
-            "..." if a is Ellipsis else type_name(a) for a in typing.get_args(annotation)
-        ) + "]"
+        return "tuple[" + ", ".join("..." if a is Ellipsis else type_name(a) for a in typing.get_args(annotation)) + "]"
     if annotation is type(None):
         return "None"
     return getattr(annotation, "__name__", str(annotation))
@@ -135,9 +132,7 @@ def _matches(value: Any, annotation: Any) -> tuple[bool, Any]:
 def _check_type(value: Any, annotation: Any, name: str) -> Any:
     ok, normalised = _matches(value, annotation)
     if not ok:
-        raise TypeError(
-            f"parameter {name!r} expects {type_name(annotation)}, got {value!r} ({type(value).__name__})"
-        )
+        raise TypeError(f"parameter {name!r} expects {type_name(annotation)}, got {value!r} ({type(value).__name__})")
     return normalised
 
 

@@ -192,8 +192,7 @@ def capability_errors(method: Method, call: AttentionCall) -> list[str]:
         errors.append(f"kv_mask: method {method.name!r} does not support padding masks")
     if call.attn_mask is not None and not caps.attn_mask:
         errors.append(
-            f"attn_mask: method {method.name!r} cannot honour an arbitrary dense mask; "
-            "use kv_mask for padding"
+            f"attn_mask: method {method.name!r} cannot honour an arbitrary dense mask; use kv_mask for padding"
         )
     if call.dropout_p > 0 and not caps.dropout:
         errors.append(f"dropout_p: method {method.name!r} does not support dropout")

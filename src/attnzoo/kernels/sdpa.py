@@ -58,7 +58,9 @@ def sdpa_reasons(call: AttentionCall, params: object) -> list[str]:
         if call.dropout_p > 0:
             reasons.append("return_lse with dropout_p > 0: the flash kernel has no dropout")
         if call.value_dim != call.head_dim:
-            reasons.append(f"return_lse needs value head size == query head size, got {call.value_dim} and {call.head_dim}")
+            reasons.append(
+                f"return_lse needs value head size == query head size, got {call.value_dim} and {call.head_dim}"
+            )
         if call.attn_mask is not None and call.attn_mask.requires_grad:
             reasons.append("return_lse with an attn_mask that requires grad")
     return reasons

@@ -61,14 +61,14 @@ class TileMasks:
 
 def _tile(mask: torch.Tensor, i0: int, i1: int, j0: int, j1: int, groups: int) -> torch.Tensor:
     """Slice a broadcastable ``[B|1, H|1, Nq|1, Nk|1]`` mask to a tile ``[B|1, Hkv|1, G|1, bq|1, bk|1]``."""
-    tile = mask[:, :, i0:i1 if mask.shape[2] > 1 else None, j0:j1 if mask.shape[3] > 1 else None]
+    tile = mask[:, :, i0 : i1 if mask.shape[2] > 1 else None, j0 : j1 if mask.shape[3] > 1 else None]
     if tile.shape[1] == 1:
         return tile.unsqueeze(2)
     return tile.unflatten(1, (tile.shape[1] // groups, groups))
 
 
 def _forward(q, k, v, scale, masks: TileMasks, q_block: int, kv_block: int):
-    B, Hkv, G, Nq, D = q.shape
+    B, Hkv, G, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     acc_dtype = lse_dtype(q.dtype)
     out = q.new_empty(B, Hkv, G, Nq, Dv)
@@ -92,14 +92,17 @@ def _forward(q, k, v, scale, masks: TileMasks, q_block: int, kv_block: int):
             acc = acc * rescale[..., None] + probs @ vj
             row_max = new_max
         nonempty = row_sum > 0
-        out[:, :, :, i0:i1] = torch.where(nonempty[..., None], acc / torch.where(nonempty, row_sum, 1.0)[..., None], 0.0)
-        lse[:, :, :, i0:i1] = torch.where(nonempty, row_max + torch.log(torch.where(nonempty, row_sum, 1.0)), float("-inf"))
+        out[:, :, :, i0:i1] = torch.where(
+            nonempty[..., None], acc / torch.where(nonempty, row_sum, 1.0)[..., None], 0.0
+        )
+        lse[:, :, :, i0:i1] = torch.where(
+            nonempty, row_max + torch.log(torch.where(nonempty, row_sum, 1.0)), float("-inf")
+        )
     return out, lse
 
 
 def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, masks: TileMasks, q_block: int, kv_block: int):
-    B, Hkv, G, Nq, D = q.shape
-    Nk = k.shape[2]
+    G, Nq, Nk = q.shape[2], q.shape[3], k.shape[2]
     acc_dtype = lse.dtype
     grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
@@ -175,8 +178,7 @@ def tiled_attention(
         ``out [B, Hq, Nq, Dv]`` in the input dtype and ``lse [B, Hq, Nq]`` (float32, float64 for
         float64 inputs; ``-inf`` where a row sees no key, whose output is 0). Both are differentiable.
     """
-    B, Hq, Nq, D = query.shape
-    Hkv = key.shape[1]
+    Hq, Hkv = query.shape[1], key.shape[1]
     q = query.unflatten(1, (Hkv, Hq // Hkv))  # (B, Hkv, G, Nq, D)
     masks = TileMasks(is_causal, kv_mask, mask, bias)
     out, lse = _TiledAttention.apply(q, key, value, scale, masks, q_block, kv_block)

@@ -90,8 +90,16 @@ class MultiheadAttention(nn.Module):
         k = self.k_proj(key).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(value).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         out = attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal, method=self.method, backend=self.backend, kv_mask=kv_mask, **self.params,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            method=self.method,
+            backend=self.backend,
+            kv_mask=kv_mask,
+            **self.params,
         )
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Nq, E)
 

@@ -56,8 +56,12 @@ def bad_inputs(spec: Method) -> list[BadInput]:
         BadInput("value dtype differs", "value", TypeError, _with(spec, 2, q_of(lambda a: a[2].half()))),
         BadInput("key batch differs", "key", ValueError, _with(spec, 1, q_of(lambda a: a[1][:1]))),
         BadInput("value heads differ from key", "value", ValueError, _with(spec, 2, q_of(lambda a: a[2][:, :1]))),
-        BadInput("query heads not a multiple", "query", ValueError,
-                 _with(spec, 0, q_of(lambda a: torch.cat([a[0], a[0][:, :1]], 1)))),
+        BadInput(
+            "query heads not a multiple",
+            "query",
+            ValueError,
+            _with(spec, 0, q_of(lambda a: torch.cat([a[0], a[0][:, :1]], 1))),
+        ),
         BadInput("value length differs", "value", ValueError, _with(spec, 2, q_of(lambda a: a[2][:, :, :5]))),
         BadInput("key head size differs", "key", ValueError, _with(spec, 1, q_of(lambda a: a[1][..., :4]))),
         BadInput("empty query", "query", ValueError, _with(spec, 0, q_of(lambda a: a[0][:, :, :0]))),
@@ -68,19 +72,33 @@ def bad_inputs(spec: Method) -> list[BadInput]:
         BadInput("dropout_p negative", "dropout_p", ValueError, _with(spec, dropout_p=-0.1)),
         BadInput("is_causal not a bool", "is_causal", TypeError, _with(spec, is_causal="yes")),
         BadInput("return_lse not a bool", "return_lse", TypeError, _with(spec, return_lse=1)),
-        BadInput("kv_mask wrong shape", "kv_mask", ValueError, _with(spec, kv_mask=torch.ones(2, 15, dtype=torch.bool))),
+        BadInput(
+            "kv_mask wrong shape", "kv_mask", ValueError, _with(spec, kv_mask=torch.ones(2, 15, dtype=torch.bool))
+        ),
         BadInput("kv_mask not bool", "kv_mask", TypeError, _with(spec, kv_mask=torch.ones(2, 16))),
-        BadInput("attn_mask not broadcastable", "attn_mask", ValueError,
-                 _with(spec, attn_mask=torch.ones(3, 16, 16, dtype=torch.bool))),
-        BadInput("attn_mask integer", "attn_mask", TypeError, _with(spec, attn_mask=torch.ones(16, 16, dtype=torch.long))),
-        BadInput("attn_mask float of another dtype", "attn_mask", TypeError,
-                 _with(spec, attn_mask=torch.zeros(16, 16, dtype=torch.float64))),
+        BadInput(
+            "attn_mask not broadcastable",
+            "attn_mask",
+            ValueError,
+            _with(spec, attn_mask=torch.ones(3, 16, 16, dtype=torch.bool)),
+        ),
+        BadInput(
+            "attn_mask integer", "attn_mask", TypeError, _with(spec, attn_mask=torch.ones(16, 16, dtype=torch.long))
+        ),
+        BadInput(
+            "attn_mask float of another dtype",
+            "attn_mask",
+            TypeError,
+            _with(spec, attn_mask=torch.zeros(16, 16, dtype=torch.float64)),
+        ),
         BadInput("unknown method", "method", ValueError, _with(spec, method="no_such_method")),
         BadInput("unknown backend", "backend", ValueError, _with(spec, backend="no_such_backend")),
         BadInput("unknown parameter", "no_such_param", ValueError, _with(spec, no_such_param=1)),
     ]
     for f in dataclasses.fields(spec.params):
-        table.append(BadInput(f"parameter {f.name} of a wrong type", f.name, TypeError, _with(spec, **{f.name: object()})))
+        table.append(
+            BadInput(f"parameter {f.name} of a wrong type", f.name, TypeError, _with(spec, **{f.name: object()}))
+        )
     table.extend(_capability_refusals(spec))
     return table
 
@@ -92,20 +110,34 @@ def _capability_refusals(spec: Method) -> list[BadInput]:
     if not caps.noncausal:
         refusals.append(BadInput("non-causal unsupported", "is_causal", ValueError, _with(spec, is_causal=False)))
     if not caps.cross:
-        refusals.append(BadInput("cross attention unsupported", "key", ValueError,
-                                 _with(spec, 1, lambda a: torch.cat([a[1], a[1]], 2))))
+        refusals.append(
+            BadInput(
+                "cross attention unsupported", "key", ValueError, _with(spec, 1, lambda a: torch.cat([a[1], a[1]], 2))
+            )
+        )
     if not caps.gqa:
         refusals.append(BadInput("GQA unsupported", "key", ValueError, _with(spec, 1, lambda a: a[1][:, :1])))
     if not caps.kv_mask:
-        refusals.append(BadInput("kv_mask unsupported", "kv_mask", ValueError,
-                                 _with(spec, kv_mask=torch.ones(2, 16, dtype=torch.bool))))
+        refusals.append(
+            BadInput(
+                "kv_mask unsupported", "kv_mask", ValueError, _with(spec, kv_mask=torch.ones(2, 16, dtype=torch.bool))
+            )
+        )
     if not caps.attn_mask:
-        refusals.append(BadInput("attn_mask unsupported", "attn_mask", ValueError,
-                                 _with(spec, attn_mask=torch.ones(16, 16, dtype=torch.bool))))
+        refusals.append(
+            BadInput(
+                "attn_mask unsupported",
+                "attn_mask",
+                ValueError,
+                _with(spec, attn_mask=torch.ones(16, 16, dtype=torch.bool)),
+            )
+        )
     if not caps.dropout:
         refusals.append(BadInput("dropout unsupported", "dropout_p", ValueError, _with(spec, dropout_p=0.1)))
     if not caps.lse:
         refusals.append(BadInput("return_lse unsupported", "return_lse", ValueError, _with(spec, return_lse=True)))
     if not caps.state:
-        refusals.append(BadInput("return_state unsupported", "return_state", ValueError, _with(spec, return_state=True)))
+        refusals.append(
+            BadInput("return_state unsupported", "return_state", ValueError, _with(spec, return_state=True))
+        )
     return refusals

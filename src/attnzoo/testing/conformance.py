@@ -178,8 +178,15 @@ def _forward_backward(case: Case, inputs: dict[str, Any], backend: str, dtype: t
     q, k, v = (t.to(dtype).requires_grad_(spec.capabilities.differentiable) for t in inputs["qkv"])
     masks = {n: (m if m.dtype == torch.bool else m.to(dtype)) for n, m in inputs["masks"].items()}
     result = attention(
-        q, k, v, is_causal=case.pattern.causal, method=case.method, backend=backend,
-        return_lse=case.return_lse, **masks, **dict(case.params),
+        q,
+        k,
+        v,
+        is_causal=case.pattern.causal,
+        method=case.method,
+        backend=backend,
+        return_lse=case.return_lse,
+        **masks,
+        **dict(case.params),
     )
     out, lse = result if case.return_lse else (result, None)
     found = {"out": out.detach().double()}
@@ -260,10 +267,14 @@ def check_prefix(spec: Method, backend: str, params: dict[str, Any], seed: int =
     full = attention(q, k, v, is_causal=True, method=spec.name, backend=backend, **params)
     worst = 0.0
     for t in (1, 17, 40):
-        part = attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True, method=spec.name, backend=backend, **params)
+        part = attention(
+            q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True, method=spec.name, backend=backend, **params
+        )
         worst = max(worst, _error(part, full[:, :, :t]))
     passed = worst <= 1e-9
-    return CheckResult("prefix", f"{spec.name}-{backend}-prefix", passed, "" if passed else f"prefix differs by {worst:.3g}")
+    return CheckResult(
+        "prefix", f"{spec.name}-{backend}-prefix", passed, "" if passed else f"prefix differs by {worst:.3g}"
+    )
 
 
 def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult | None:
@@ -287,8 +298,9 @@ def check_gradcheck(spec: Method, backend: str, params: dict[str, Any], seed: in
     q, k, v = (t.requires_grad_() for t in _qkv(Shape(1, 2, 1 if spec.capabilities.gqa else 2, 6, 6, 4, 4), seed))
 
     def run(q, k, v):
-        return attention(q, k, v, is_causal=causal, method=spec.name, backend=backend,
-                         return_lse=spec.capabilities.lse, **params)
+        return attention(
+            q, k, v, is_causal=causal, method=spec.name, backend=backend, return_lse=spec.capabilities.lse, **params
+        )
 
     try:
         passed = torch.autograd.gradcheck(run, (q, k, v), eps=1e-6, atol=1e-5, raise_exception=True)
@@ -334,7 +346,9 @@ def run_checks(
             try:
                 result = thunk()
             except Exception as error:  # a crash is a failed check, reported with its cause
-                result = CheckResult("error", getattr(thunk, "__name__", "check"), False, f"{type(error).__name__}: {error}")
+                result = CheckResult(
+                    "error", getattr(thunk, "__name__", "check"), False, f"{type(error).__name__}: {error}"
+                )
             if result is None:
                 continue
             results.append(result)
