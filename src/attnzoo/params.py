@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _defaults(cls: type[MethodParams]) -> MethodParams:
+    return cls()
 
 
 def param(default: Any, doc: str) -> Any:
@@ -34,7 +45,7 @@ class MethodParams:
     """Base class of every method's parameters (a frozen dataclass)."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             value = _check_type(getattr(self, f.name), hints[f.name], f.name)
             object.__setattr__(self, f.name, value)
@@ -45,7 +56,7 @@ class MethodParams:
 
     @classmethod
     def describe(cls) -> list[ParamInfo]:
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         return [
             ParamInfo(f.name, type_name(hints[f.name]), f.default, f.metadata.get("doc", ""))
             for f in dataclasses.fields(cls)
@@ -53,6 +64,8 @@ class MethodParams:
 
     @classmethod
     def from_kwargs(cls, method: str, kwargs: dict[str, Any]) -> MethodParams:
+        if not kwargs:
+            return _defaults(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
