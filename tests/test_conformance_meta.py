@@ -8,7 +8,14 @@ import torch
 import attnzoo
 from attnzoo.methods.dense import DENSE
 from attnzoo.registry import AttentionOutput, Backend, registered
-from attnzoo.testing import check_case, check_causality, check_gradcheck, check_prefix, conformance_cases
+from attnzoo.testing import (
+    check_case,
+    check_causality,
+    check_decode,
+    check_gradcheck,
+    check_prefix,
+    conformance_cases,
+)
 from attnzoo.testing.bad_inputs import bad_inputs
 
 
@@ -81,6 +88,22 @@ def test_wrong_gradient_is_caught():
         assert not result.passed and "grad_k" in result.message
 
 
+def test_decoder_that_forgets_its_cache_is_caught():
+    from attnzoo.methods.dense import _init_kv_cache, _step
+    from attnzoo.registry import Decoder
+
+    def forgetful_step(call, cache, params):
+        return _step(
+            call,
+            _init_kv_cache(call.batch, call.kv_heads, call.head_dim, call.value_dim, call.dtype, call.device, params),
+            params,
+        )
+
+    forgetful = dataclasses.replace(DENSE, name="forgetful", decoder=Decoder(_init_kv_cache, forgetful_step))
+    with registered(forgetful) as spec:
+        assert not check_decode(spec, {}).passed
+
+
 def test_a_registered_method_is_picked_up_everywhere():
     with registered(_variant("another_dense", DENSE.backends[0].run)) as spec:
         assert spec in attnzoo.methods()
@@ -90,7 +113,9 @@ def test_a_registered_method_is_picked_up_everywhere():
 
 
 def test_capability_refusals_come_from_the_registry():
-    narrow = dataclasses.replace(DENSE, name="narrow", capabilities=attnzoo.Capabilities(causal=True, noncausal=False))
+    narrow = dataclasses.replace(
+        DENSE, name="narrow", capabilities=attnzoo.Capabilities(causal=True, noncausal=False), decoder=None
+    )
     with registered(narrow) as spec:
         q = torch.randn(1, 2, 8, 4)
         for kwargs, argument in [

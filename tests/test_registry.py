@@ -13,23 +13,10 @@ from attnzoo.registry import Backend, registered
 
 def test_public_namespace():
     assert set(attnzoo.__all__) == {
-        "AttentionCall",
-        "AttentionOutput",
-        "Backend",
-        "Capabilities",
-        "Explanation",
-        "Method",
-        "NoBackendError",
-        "Paper",
-        "__version__",
-        "attention",
-        "explain",
-        "get_method",
-        "merge_attention_states",
-        "methods",
-        "nn",
-        "register",
-    }
+        "AttentionCall", "AttentionOutput", "Backend", "Capabilities", "DecodeState", "Explanation",
+        "Method", "NoBackendError", "Paper", "__version__", "attention", "explain", "get_method",
+        "init_state", "merge_attention_states", "methods", "nn", "register", "step",
+    }  # fmt: skip
     for name in attnzoo.__all__:
         assert hasattr(attnzoo, name)
 
@@ -50,6 +37,8 @@ def test_register_refuses_duplicates_and_bad_specs():
     with pytest.raises(ValueError, match="unique"):
         backend = DENSE.backends[0]
         attnzoo.register(dataclasses.replace(DENSE, name="x2", backends=(backend, backend)))
+    with pytest.raises(ValueError, match="decode"):
+        attnzoo.register(dataclasses.replace(DENSE, name="x4", decoder=None))
     with pytest.raises(ValueError, match="reference"):
         attnzoo.register(dataclasses.replace(DENSE, name="x3", backends=(Backend("reference", backend.run),)))
     assert [m.name for m in attnzoo.methods()] == ["dense"]

@@ -4,6 +4,7 @@ from . import methods as _methods  # noqa: F401  (registers every method)
 from . import nn
 from ._version import __version__
 from .api import Explanation, attention, explain
+from .decode import DecodeState, init_state, step
 from .errors import NoBackendError
 from .inputs import AttentionCall
 from .kernels.lse import merge_attention_states
@@ -14,6 +15,7 @@ __all__ = [
     "AttentionOutput",
     "Backend",
     "Capabilities",
+    "DecodeState",
     "Explanation",
     "Method",
     "NoBackendError",
@@ -22,8 +24,10 @@ __all__ = [
     "attention",
     "explain",
     "get_method",
+    "init_state",
     "merge_attention_states",
     "methods",
     "nn",
     "register",
+    "step",
 ]

@@ -78,6 +78,20 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class Decoder:
+    """Incremental decoding of a method with the ``decode`` capability.
+
+    ``init_state(batch, kv_heads, head_dim, value_dim, dtype, device, params)`` returns an empty
+    state; ``step(call, state, params)`` attends the new tokens of ``call`` (queries, keys and
+    values of ``n_new >= 1`` positions, causal, after everything in ``state``) and returns
+    ``(AttentionOutput, new_state)``. A state has ``size_bytes() -> int``.
+    """
+
+    init_state: Callable[..., Any]
+    step: Callable[[AttentionCall, Any, Any], tuple[AttentionOutput, Any]]
+
+
+@dataclass(frozen=True)
 class Paper:
     title: str
     url: str
@@ -103,6 +117,7 @@ class Method:
     backends: tuple[Backend, ...]
     test_params: tuple[dict[str, Any], ...] = ({},)
     degenerate_params: Callable[[AttentionCall], dict[str, Any] | None] | None = None
+    decoder: Decoder | None = None
     notes: str = ""
 
     def backend(self, name: str) -> Backend:
@@ -133,6 +148,8 @@ def register(method: Method) -> Method:
         raise ValueError(f"backend names of {method.name!r} must be unique and not {REFERENCE!r}: {names}")
     if not (method.capabilities.causal or method.capabilities.noncausal):
         raise ValueError(f"method {method.name!r} must support causal or non-causal attention")
+    if method.capabilities.decode != (method.decoder is not None):
+        raise ValueError(f"method {method.name!r}: the decode capability needs a decoder and vice versa")
     for params in method.test_params:
         method.params(**params)
     _METHODS[method.name] = method

@@ -20,7 +20,7 @@ from ..kernels.reference import softmax_reference
 from ..kernels.sdpa import sdpa_attention, sdpa_reasons
 from ..kernels.tiled import tiled_attention
 from ..params import MethodParams
-from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,37 @@ def _run_tiled(call: AttentionCall, params: DenseParams) -> AttentionOutput:
     return AttentionOutput(out, lse if call.return_lse else None)
 
 
+@dataclass(frozen=True)
+class KVCache:
+    """Every key and value seen so far, `[B, Hkv, n, D]` and `[B, Hkv, n, Dv]`."""
+
+    key: Tensor
+    value: Tensor
+
+    def size_bytes(self) -> int:
+        return self.key.nbytes + self.value.nbytes
+
+
+def _init_kv_cache(batch, kv_heads, head_dim, value_dim, dtype, device, params) -> KVCache:
+    return KVCache(
+        torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device),
+        torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device),
+    )
+
+
+def _step(call: AttentionCall, cache: KVCache, params: DenseParams) -> tuple[AttentionOutput, KVCache]:
+    """Append the new keys and values, then attend with bottom-right causal alignment."""
+    for name, new, old in (("key", call.key, cache.key), ("value", call.value, cache.value)):
+        if new.shape[:2] != old.shape[:2] or new.shape[-1] != old.shape[-1] or new.dtype != old.dtype:
+            raise ValueError(
+                f"{name} {list(new.shape)} {new.dtype} does not match the state's "
+                f"{list(old.shape[:2])} x {old.shape[-1]} {old.dtype}"
+            )
+    cache = KVCache(torch.cat([cache.key, call.key], dim=2), torch.cat([cache.value, call.value], dim=2))
+    full = call.replace(key=cache.key, value=cache.value, kv_len=cache.key.shape[2])
+    return _run_sdpa(full, params), cache
+
+
 def _tiled_reasons(call: AttentionCall, params: DenseParams) -> list[str]:
     reasons = []
     if call.dropout_p > 0:
@@ -94,9 +125,11 @@ DENSE = register(
             attn_mask=True,
             dropout=True,
             lse=True,
+            decode=True,
         ),
         params=DenseParams,
         reference=reference,
+        decoder=Decoder(_init_kv_cache, _step),
         backends=(
             Backend("sdpa", _run_sdpa, sdpa_reasons, description="torch.nn.functional.scaled_dot_product_attention"),
             Backend("tiled", _run_tiled, _tiled_reasons, description="online softmax over key blocks, plain PyTorch"),

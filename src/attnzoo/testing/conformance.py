@@ -277,6 +277,27 @@ def check_prefix(spec: Method, backend: str, params: dict[str, Any], seed: int =
     )
 
 
+def check_decode(spec: Method, params: dict[str, Any], seed: int = 0) -> CheckResult:
+    """Decoding in chunks of 1 and more tokens equals causal attention over the whole sequence."""
+    from ..decode import init_state, step
+
+    shape = Shape(2, 4, 2 if spec.capabilities.gqa else 4, 37, 37, 8, 8)
+    q, k, v = _qkv(shape, seed)
+    full = attention(q, k, v, is_causal=True, method=spec.name, **params)
+    state = init_state(spec.name, batch=2, kv_heads=shape.kv_heads, head_dim=8, dtype=torch.float64, **params)
+    outs, start, sizes = [], 0, []
+    for n in (1, 1, 5, 1, 13, 16):
+        out, state = step(q[:, :, start : start + n], k[:, :, start : start + n], v[:, :, start : start + n], state)
+        outs.append(out)
+        sizes.append(state.size_bytes())
+        start += n
+    err = _error(torch.cat(outs, dim=2), full)
+    failures = [] if err <= 1e-9 else [f"decode differs from the full sequence by {err:.3g}"]
+    if state.length != shape.q_len or min(sizes) <= 0:
+        failures.append(f"state reports length {state.length} and sizes {sizes}")
+    return CheckResult("decode", f"{spec.name}-decode", not failures, "; ".join(failures))
+
+
 def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult | None:
     """With its budget at the maximum, an approximate method equals exact attention."""
     if spec.degenerate_params is None:
@@ -320,6 +341,8 @@ def property_checks(spec: Method) -> list[Callable[[], CheckResult | None]]:
                 checks.append(lambda b=backend, p=params: check_prefix(spec, b, p))
         if spec.capabilities.differentiable and backend != "reference":
             checks.append(lambda b=backend, p=params: check_gradcheck(spec, b, p))
+    if spec.capabilities.decode:
+        checks.extend(lambda p=params: check_decode(spec, p) for params in spec.test_params)
     for backend in spec.backend_names:
         if spec.degenerate_params is not None:
             checks.append(lambda b=backend: check_degenerate(spec, b))
