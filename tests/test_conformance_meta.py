@@ -7,11 +7,13 @@ import torch
 
 import attnzoo
 from attnzoo.methods.dense import DENSE
+from attnzoo.params import MethodParams, param
 from attnzoo.registry import AttentionOutput, Backend, registered
 from attnzoo.testing import (
     check_case,
     check_causality,
     check_decode,
+    check_degenerate,
     check_gradcheck,
     check_prefix,
     conformance_cases,
@@ -127,3 +129,36 @@ def test_capability_refusals_come_from_the_registry():
                 attnzoo.attention(q, q, q, method=spec.name, **kwargs)
         with pytest.raises(ValueError, match="key"):
             attnzoo.attention(q, q[:, :1], q[:, :1], is_causal=True, method=spec.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstKeysParams(MethodParams):
+    num_keys: int = param(4, "keys kept, from the start")
+
+
+def _first_keys(call, params):
+    kept = torch.zeros(call.batch, call.kv_len, dtype=torch.bool)
+    kept[:, : params.num_keys] = True
+    return attnzoo.get_method("dense").backend("sdpa").run(call.replace(kv_mask=kept), None)
+
+
+def _first_keys_method(degenerate):
+    return dataclasses.replace(
+        DENSE,
+        name="first_keys",
+        exact=False,
+        family="content_sparse",
+        params=FirstKeysParams,
+        reference=_first_keys,
+        backends=(Backend("masked", _first_keys),),
+        decoder=None,
+        capabilities=attnzoo.Capabilities(causal=False, noncausal=True),
+        degenerate_params=degenerate,
+    )
+
+
+def test_degenerate_limit_hook():
+    with registered(_first_keys_method(lambda call: {"num_keys": call.kv_len})) as spec:
+        assert check_degenerate(spec, "masked").passed
+    with registered(_first_keys_method(lambda call: {"num_keys": call.kv_len - 1})) as spec:
+        assert not check_degenerate(spec, "masked").passed

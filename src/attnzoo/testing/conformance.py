@@ -14,6 +14,7 @@ A new method registered with honest capabilities is tested with no new test code
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -133,31 +134,25 @@ def _supports(spec: Method, pattern: Pattern) -> bool:
 
 
 def conformance_cases(method_names: list[str] | None = None, quick: bool | None = None) -> list[Case]:
-    """Every (method, backend, pattern, dtype, size, params) case; ``quick`` rotates sizes so each
-    pattern runs one size, and runs the no-LSE variant in float32 only."""
+    """Every (method, backend, pattern, dtype, size, LSE, params) case. ``quick`` (the default
+    unless ``ATTNZOO_EXTENDED=1``) rotates sizes so that each pattern runs one size per dtype, and
+    runs the variant without the log-sum-exp in float32 only."""
     quick = not extended() if quick is None else quick
     specs = [get_method(n) for n in method_names] if method_names else methods()
     cases = []
     for spec in specs:
         patterns = [p for p in PATTERNS if _supports(spec, p)]
-        for backend in spec.backend_names:
-            for pi, pattern in enumerate(patterns):
-                for di, dtype in enumerate(DTYPES):
-                    sizes = [SIZES[(pi + di) % len(SIZES)]] if quick else SIZES
-                    lse_options = [True, False] if spec.capabilities.lse else [False]
-                    for (n, d), with_lse, params in _product(sizes, lse_options, spec.test_params):
-                        if quick and not with_lse and spec.capabilities.lse and dtype != torch.float32:
-                            continue
-                        shape = pattern.reshape(Shape(q_len=n, kv_len=n, head_dim=d, value_dim=d))
-                        cases.append(Case(spec.name, backend, pattern, dtype, shape, tuple(params.items()), with_lse))
+        lse_options = (True, False) if spec.capabilities.lse else (False,)
+        for backend, (pi, pattern), (di, dtype) in itertools.product(
+            spec.backend_names, enumerate(patterns), enumerate(DTYPES)
+        ):
+            sizes = [SIZES[(pi + di) % len(SIZES)]] if quick else SIZES
+            for (n, d), with_lse, params in itertools.product(sizes, lse_options, spec.test_params):
+                if quick and not with_lse and spec.capabilities.lse and dtype != torch.float32:
+                    continue
+                shape = pattern.reshape(Shape(q_len=n, kv_len=n, head_dim=d, value_dim=d))
+                cases.append(Case(spec.name, backend, pattern, dtype, shape, tuple(params.items()), with_lse))
     return cases
-
-
-def _product(sizes, lse_options, params_list) -> Iterator[tuple]:
-    for size in sizes:
-        for with_lse in lse_options:
-            for params in params_list:
-                yield size, with_lse, params
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict[str, Any]:
