@@ -88,6 +88,17 @@ def test_causal_with_attn_mask_is_allowed_unlike_sdpa():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=combined))
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "tiled", "reference"])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_zero_scale_causal_is_a_running_mean_not_nan(backend, return_lse):
+    # SDPA's CPU flash kernel returns NaN for is_causal=True with scale=0.0; attnzoo must not.
+    q, k, v = _qkv(Nq=6, Nk=6, dtype=torch.float64)
+    result = attnzoo.attention(q, k, v, is_causal=True, scale=0.0, backend=backend, return_lse=return_lse)
+    out = result[0] if return_lse else result
+    running_mean = v.cumsum(2) / torch.arange(1, 7, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(out, running_mean)
+
+
 def test_return_forms():
     q, k, v = _qkv()
     assert isinstance(attnzoo.attention(q, k, v), torch.Tensor)

@@ -29,8 +29,10 @@ _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def _native_causal(call: AttentionCall) -> bool:
-    """Whether SDPA's own (top-left) ``is_causal`` is the requested mask."""
-    return call.is_causal and call.q_len == call.kv_len and call.kv_mask is None and call.attn_mask is None
+    """Whether SDPA's own (top-left) ``is_causal`` is the requested mask. Not with ``scale == 0``:
+    the CPU flash kernel then returns NaN (masked scores times 0), while an explicit mask works."""
+    aligned = call.q_len == call.kv_len and call.kv_mask is None and call.attn_mask is None
+    return call.is_causal and aligned and call.scale != 0.0
 
 
 def _built_mask_bytes(call: AttentionCall) -> int:

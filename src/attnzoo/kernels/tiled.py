@@ -67,33 +67,52 @@ def _tile(mask: torch.Tensor, i0: int, i1: int, j0: int, j1: int, groups: int) -
     return tile.unflatten(1, (tile.shape[1] // groups, groups))
 
 
+class _Workspace:
+    """Tile buffers reused across iterations, one per shape (full and edge tiles), so the loop
+    allocates nothing tile-sized: per-iteration allocations fragment the C heap and keep several
+    stale tiles resident."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device, self.buffers = dtype, device, {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        key = (name, shape)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.buffers[key]
+
+
 def _forward(q, k, v, scale, masks: TileMasks, q_block: int, kv_block: int):
-    B, Hkv, G, Nq, _ = q.shape
+    B, Hkv, G, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
     acc_dtype = lse_dtype(q.dtype)
     out = q.new_empty(B, Hkv, G, Nq, Dv)
     lse = torch.empty(B, Hkv, G, Nq, dtype=acc_dtype, device=q.device)
+    work = _Workspace(acc_dtype, q.device)
     for i0 in range(0, Nq, q_block):
         i1 = min(i0 + q_block, Nq)
-        qi = q[:, :, :, i0:i1].to(acc_dtype) * scale  # (B, Hkv, G, bq, D)
-        row_max = torch.full(qi.shape[:-1], float("-inf"), dtype=acc_dtype, device=q.device)
-        row_sum = torch.zeros_like(row_max)
-        acc = torch.zeros(*qi.shape[:-1], Dv, dtype=acc_dtype, device=q.device)
-        for j0 in range(0, masks.kv_end(i1, Nq, Nk), kv_block):
-            j1 = min(j0 + kv_block, masks.kv_end(i1, Nq, Nk))
+        bq = i1 - i0
+        qi = work.get("q", B, Hkv, G, bq, D).copy_(q[:, :, :, i0:i1]).mul_(scale)
+        row_max = work.get("max", B, Hkv, G, bq).fill_(float("-inf"))
+        row_sum = work.get("sum", B, Hkv, G, bq).zero_()
+        acc = work.get("acc", B, Hkv, G, bq, Dv).zero_()
+        kv_end = masks.kv_end(i1, Nq, Nk)
+        for j0 in range(0, kv_end, kv_block):
+            j1 = min(j0 + kv_block, kv_end)
             kj = k[:, :, None, j0:j1].to(acc_dtype)  # (B, Hkv, 1, bk, D)
             vj = v[:, :, None, j0:j1].to(acc_dtype)
-            scores = masks.apply(qi @ kj.transpose(-1, -2), i0, i1, j0, j1, Nq, Nk, G)  # (B, Hkv, G, bq, bk)
+            scores = torch.matmul(qi, kj.transpose(-1, -2), out=work.get("s", B, Hkv, G, bq, j1 - j0))
+            scores = masks.apply(scores, i0, i1, j0, j1, Nq, Nk, G)  # (B, Hkv, G, bq, bk)
             new_max = torch.maximum(row_max, scores.amax(dim=-1))
             safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)
-            probs = torch.exp(scores - safe_max[..., None])
+            probs = scores.sub_(safe_max[..., None]).exp_()
             rescale = torch.exp(row_max - safe_max)
-            row_sum = row_sum * rescale + probs.sum(dim=-1)
-            acc = acc * rescale[..., None] + probs @ vj
-            row_max = new_max
+            row_sum.mul_(rescale).add_(probs.sum(dim=-1))
+            acc.mul_(rescale[..., None]).add_(torch.matmul(probs, vj, out=work.get("pv", B, Hkv, G, bq, Dv)))
+            row_max.copy_(new_max)
         nonempty = row_sum > 0
-        out[:, :, :, i0:i1] = torch.where(
-            nonempty[..., None], acc / torch.where(nonempty, row_sum, 1.0)[..., None], 0.0
+        out[:, :, :, i0:i1] = acc.div_(torch.where(nonempty, row_sum, 1.0)[..., None]).masked_fill_(
+            ~nonempty[..., None], 0.0
         )
         lse[:, :, :, i0:i1] = torch.where(
             nonempty, row_max + torch.log(torch.where(nonempty, row_sum, 1.0)), float("-inf")
@@ -114,18 +133,23 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, scale, masks: TileMasks, q_
     if grad_lse is not None:
         delta = delta - grad_lse.to(acc_dtype)
     safe_lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    work = _Workspace(acc_dtype, q.device)
     for i0 in range(0, Nq, q_block):
         i1 = min(i0 + q_block, Nq)
         qi = q[:, :, :, i0:i1].to(acc_dtype) * scale
         doi = grad_out[:, :, :, i0:i1].to(acc_dtype)
-        for j0 in range(0, masks.kv_end(i1, Nq, Nk), kv_block):
-            j1 = min(j0 + kv_block, masks.kv_end(i1, Nq, Nk))
+        kv_end = masks.kv_end(i1, Nq, Nk)
+        for j0 in range(0, kv_end, kv_block):
+            j1 = min(j0 + kv_block, kv_end)
             kj = k[:, :, None, j0:j1].to(acc_dtype)
             vj = v[:, :, None, j0:j1].to(acc_dtype)
-            scores = masks.apply(qi @ kj.transpose(-1, -2), i0, i1, j0, j1, Nq, Nk, G)
-            probs = torch.exp(scores - safe_lse[:, :, :, i0:i1, None])  # (B, Hkv, G, bq, bk)
+            tile = (*qi.shape[:-1], j1 - j0)
+            scores = torch.matmul(qi, kj.transpose(-1, -2), out=work.get("s", *tile))
+            scores = masks.apply(scores, i0, i1, j0, j1, Nq, Nk, G)
+            probs = scores.sub_(safe_lse[:, :, :, i0:i1, None]).exp_()  # (B, Hkv, G, bq, bk)
             grad_v[:, :, j0:j1] += torch.einsum("bhgqk,bhgqd->bhkd", probs, doi)
-            grad_scores = probs * (doi @ vj.transpose(-1, -2) - delta[:, :, :, i0:i1, None])
+            grad_probs = torch.matmul(doi, vj.transpose(-1, -2), out=work.get("dp", *tile))
+            grad_scores = grad_probs.sub_(delta[:, :, :, i0:i1, None]).mul_(probs)
             grad_q[:, :, :, i0:i1] += (grad_scores @ kj) * scale
             grad_k[:, :, j0:j1] += torch.einsum("bhgqk,bhgqd->bhkd", grad_scores, qi)
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
