@@ -167,6 +167,23 @@ def test_tiled_block_sizes_do_not_change_the_result():
         torch.testing.assert_close(lse, expected_lse)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 1, 70), (1, 4, 70, 1), (70, 70), (2, 4, 70, 70), (1, 1, 1, 1)])
+@pytest.mark.parametrize("boolean", [True, False])
+def test_tiled_broadcast_masks_across_many_tiles(shape, boolean):
+    from attnzoo.kernels.tiled import tiled_attention
+
+    q, k, v = _qkv(Nq=70, Nk=70, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(shape, generator=gen) < 0.8 if boolean else torch.randn(shape, generator=gen, dtype=torch.float64)
+    while mask.dim() < 4:
+        mask = mask[None]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    kwargs = {"mask": mask} if boolean else {"bias": mask}
+    out, _ = tiled_attention(q, k, v, scale=0.25, q_block=16, kv_block=9, **kwargs)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25))
+    torch.testing.assert_close(attnzoo.attention(q, k, v, attn_mask=mask, backend="tiled"), expected)
+
+
 def test_methods_listing():
     listed = attnzoo.methods()
     assert [m.name for m in listed] == ["dense"]

@@ -61,7 +61,9 @@ class TileMasks:
 
 def _tile(mask: torch.Tensor, i0: int, i1: int, j0: int, j1: int, groups: int) -> torch.Tensor:
     """Slice a broadcastable ``[B|1, H|1, Nq|1, Nk|1]`` mask to a tile ``[B|1, Hkv|1, G|1, bq|1, bk|1]``."""
-    tile = mask[:, :, i0 : i1 if mask.shape[2] > 1 else None, j0 : j1 if mask.shape[3] > 1 else None]
+    rows = slice(i0, i1) if mask.shape[2] > 1 else slice(None)  # a size-1 dim broadcasts: keep it whole
+    cols = slice(j0, j1) if mask.shape[3] > 1 else slice(None)
+    tile = mask[:, :, rows, cols]
     if tile.shape[1] == 1:
         return tile.unsqueeze(2)
     return tile.unflatten(1, (tile.shape[1] // groups, groups))

@@ -80,6 +80,11 @@ def _float_mask(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return {"attn_mask": torch.randn(1, shape.q_heads, shape.q_len, shape.kv_len, generator=gen)}
 
 
+def _key_bias(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A float mask broadcast over heads and queries: ``[B, 1, 1, Nk]``."""
+    return {"attn_mask": torch.randn(shape.batch, 1, 1, shape.kv_len, generator=gen)}
+
+
 def _longer_keys(s: Shape) -> Shape:
     return replace(s, kv_len=s.q_len + 37)
 
@@ -100,6 +105,7 @@ PATTERNS = (
     Pattern("kv_mask_left_causal", ("kv_mask", "causal"), True, masks=lambda s, g: _padding(s, g, left=True)),
     Pattern("attn_mask_bool", ("attn_mask", "noncausal"), False, masks=_bool_mask),
     Pattern("attn_mask_float_causal", ("attn_mask", "causal"), True, masks=_float_mask),
+    Pattern("attn_mask_broadcast", ("attn_mask", "noncausal"), False, masks=_key_bias),
 )
 
 
