@@ -17,6 +17,7 @@ from attnzoo.testing import (
     check_gradcheck,
     check_prefix,
     conformance_cases,
+    property_checks,
 )
 from attnzoo.testing.bad_inputs import bad_inputs
 
@@ -162,3 +163,59 @@ def test_degenerate_limit_hook():
         assert check_degenerate(spec, "masked").passed
     with registered(_first_keys_method(lambda call: {"num_keys": call.kv_len - 1})) as spec:
         assert not check_degenerate(spec, "masked").passed
+
+
+def _grid_reference(call, params):
+    """Dense attention over the flattened grid (the spec of the toy spatial method)."""
+    from attnzoo.kernels.masks import dense_visibility
+    from attnzoo.kernels.reference import softmax_reference
+
+    out, lse = softmax_reference(call, dense_visibility(call))
+    return AttentionOutput(out, lse if call.return_lse else None)
+
+
+def _grid_flat_sdpa(call, params, transpose_queries=False):
+    query = call.query
+    if transpose_queries and query.dim() > 4:  # a layout bug: rows come back in the wrong places
+        query = query.transpose(2, 3)
+    flat = call.replace(
+        query=query.flatten(2, -2), key=call.key.flatten(2, -2), value=call.value.flatten(2, -2), spatial_shape=None
+    )
+    result = attnzoo.get_method("dense").backend("sdpa").run(flat, None)
+    layout = call.query.shape[:-1]
+    lse = None if result.lse is None else result.lse.reshape(layout)
+    return AttentionOutput(result.out.reshape(*layout, call.value_dim), lse)
+
+
+def _grid_method(name, run):
+    return dataclasses.replace(
+        DENSE,
+        name=name,
+        family="local",
+        capabilities=attnzoo.Capabilities(causal=False, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2, 3)),
+        reference=_grid_reference,
+        backends=(Backend("flat_sdpa", run),),
+        decoder=None,
+    )
+
+
+def test_spatial_methods_get_generated_cases_in_every_layout():
+    with registered(_grid_method("grid_dense", _grid_flat_sdpa)) as spec:
+        cases = conformance_cases([spec.name], quick=False)
+        ranks = {len(c.shape.spatial) for c in cases}
+        assert ranks == {1, 2, 3} and not any("cross" in c.pattern.name for c in cases)
+        quick = conformance_cases([spec.name], quick=True)
+        failures = [c.id for c in quick if not check_case(c).passed]
+        assert not failures, failures
+        for check in property_checks(spec):
+            result = check()
+            assert result is None or result.passed, result.message
+        q = torch.randn(1, 2, 4, 5, 8)
+        assert attnzoo.attention(q, q, q, method=spec.name).shape == q.shape
+
+
+def test_spatial_layout_bug_is_caught():
+    buggy = _grid_method("grid_transposed", lambda call, params: _grid_flat_sdpa(call, params, transpose_queries=True))
+    with registered(buggy) as spec:
+        cases = [c for c in conformance_cases([spec.name], quick=True) if len(c.shape.spatial) >= 2]
+        assert cases and not any(check_case(c).passed for c in cases)

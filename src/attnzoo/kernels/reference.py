@@ -41,7 +41,8 @@ def softmax_reference(
 
     Returns:
         ``out [B, Hq, Nq, Dv]`` in the input dtype (rows with no visible key are 0) and
-        ``lse [B, Hq, Nq]`` (``-inf`` for those rows).
+        ``lse [B, Hq, Nq]`` (``-inf`` for those rows); spatial inputs get ``[B, Hq, *spatial, Dv]``
+        and ``[B, Hq, *spatial]``.
     """
     B, Hq, Nq, Nk = call.batch, call.q_heads, call.q_len, call.kv_len
     q = call.query.reshape(B, Hq, Nq, call.head_dim)
@@ -57,4 +58,5 @@ def softmax_reference(
     weights = torch.exp(scores - torch.where(has_key, lse, 0.0)[..., None])
     out = weights @ v  # (B, Hq, Nq, Dv)
     out = torch.where(has_key[..., None], out, 0.0)
-    return out, lse.to(lse_dtype(call.dtype))
+    layout = call.query.shape[:-1]  # spatial methods get [B, H, *spatial, ...] back
+    return out.reshape(*layout, call.value_dim), lse.to(lse_dtype(call.dtype)).reshape(layout)

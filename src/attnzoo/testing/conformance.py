@@ -15,6 +15,7 @@ A new method registered with honest capabilities is tested with no new test code
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,9 @@ FLOORS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 5e-4, torch.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N, D) pairs: a single token, sizes off every power of two, a long-ish sequence.
 SIZES = ((1, 16), (63, 60), (100, 64), (1000, 16))
+# Spatial extents per number of spatial dims, each at least 5 wide so kernel-sized parameters fit.
+SPATIAL_SIZES = {1: ((63,), (100,)), 2: ((7, 9), (16, 16)), 3: ((5, 6, 7), (8, 8, 8))}
+SPATIAL_SMALL = {1: (6,), 2: (5, 6), 3: (5, 5, 5)}
 
 
 def extended() -> bool:
@@ -44,9 +48,21 @@ class Shape:
     kv_len: int = 63
     head_dim: int = 16
     value_dim: int = 16
+    spatial: tuple[int, ...] = ()  # spatial methods: [B, H, *spatial, D], q_len = kv_len = prod
+
+    @classmethod
+    def grid(cls, extent: tuple[int, ...], head_dim: int, **kwargs: int) -> Shape:
+        n = math.prod(extent)
+        return cls(q_len=n, kv_len=n, head_dim=head_dim, value_dim=head_dim, spatial=extent, **kwargs)
+
+    def dims(self, heads: int, n: int, last: int) -> tuple[int, ...]:
+        """A tensor shape ``[B, heads, *positions, last]``."""
+        return (self.batch, heads, *(self.spatial or (n,)), last)
 
     def __str__(self) -> str:
         heads = f"H{self.q_heads}" + (f"kv{self.kv_heads}" if self.kv_heads != self.q_heads else "")
+        if self.spatial:
+            return f"B{self.batch}{heads}S{'x'.join(map(str, self.spatial))}D{self.head_dim}"
         lens = f"N{self.q_len}" + (f"k{self.kv_len}" if self.kv_len != self.q_len else "")
         return f"B{self.batch}{heads}{lens}D{self.head_dim}"
 
@@ -60,6 +76,7 @@ class Pattern:
     causal: bool
     reshape: Callable[[Shape], Shape] = lambda s: s
     masks: Callable[[Shape, torch.Generator], dict[str, torch.Tensor]] = lambda s, g: {}
+    sequence_only: bool = False  # changes lengths, so it has no spatial form
 
 
 def _padding(shape: Shape, gen: torch.Generator, left: bool) -> dict[str, torch.Tensor]:
@@ -96,9 +113,9 @@ def _shorter_keys(s: Shape) -> Shape:
 PATTERNS = (
     Pattern("full", ("noncausal",), False),
     Pattern("causal", ("causal",), True),
-    Pattern("cross", ("cross", "noncausal"), False, _longer_keys),
-    Pattern("cross_causal", ("cross", "causal"), True, _longer_keys),
-    Pattern("cross_causal_more_queries", ("cross", "causal"), True, _shorter_keys),
+    Pattern("cross", ("cross", "noncausal"), False, _longer_keys, sequence_only=True),
+    Pattern("cross_causal", ("cross", "causal"), True, _longer_keys, sequence_only=True),
+    Pattern("cross_causal_more_queries", ("cross", "causal"), True, _shorter_keys, sequence_only=True),
     Pattern("gqa", ("gqa", "noncausal"), False, lambda s: replace(s, q_heads=4, kv_heads=2)),
     Pattern("gqa_causal", ("gqa", "causal"), True, lambda s: replace(s, q_heads=4, kv_heads=1)),
     Pattern("kv_mask_right", ("kv_mask", "noncausal"), False, masks=lambda s, g: _padding(s, g, left=False)),
@@ -136,7 +153,17 @@ class CheckResult:
 
 
 def _supports(spec: Method, pattern: Pattern) -> bool:
-    return all(getattr(spec.capabilities, cap) for cap in pattern.needs) and not spec.capabilities.spatial_dims
+    if pattern.sequence_only and spec.capabilities.spatial_dims:
+        return False
+    return all(getattr(spec.capabilities, cap) for cap in pattern.needs)
+
+
+def _base_shapes(spec: Method) -> list[Shape]:
+    """Sequence sizes, or for a spatial method its grids (every supported number of dims)."""
+    if not spec.capabilities.spatial_dims:
+        return [Shape(q_len=n, kv_len=n, head_dim=d, value_dim=d) for n, d in SIZES]
+    grids = [g for dims in spec.capabilities.spatial_dims for g in SPATIAL_SIZES[dims]]
+    return [Shape.grid(g, head_dim=(16, 60, 64)[i % 3]) for i, g in enumerate(grids)]
 
 
 def conformance_cases(method_names: list[str] | None = None, quick: bool | None = None) -> list[Case]:
@@ -152,11 +179,12 @@ def conformance_cases(method_names: list[str] | None = None, quick: bool | None 
         for backend, (pi, pattern), (di, dtype) in itertools.product(
             spec.backend_names, enumerate(patterns), enumerate(DTYPES)
         ):
-            sizes = [SIZES[(pi + di) % len(SIZES)]] if quick else SIZES
-            for (n, d), with_lse, params in itertools.product(sizes, lse_options, spec.test_params):
+            shapes = _base_shapes(spec)
+            shapes = [shapes[(pi + di) % len(shapes)]] if quick else shapes
+            for base, with_lse, params in itertools.product(shapes, lse_options, spec.test_params):
                 if quick and not with_lse and spec.capabilities.lse and dtype != torch.float32:
                     continue
-                shape = pattern.reshape(Shape(q_len=n, kv_len=n, head_dim=d, value_dim=d))
+                shape = pattern.reshape(base)
                 cases.append(Case(spec.name, backend, pattern, dtype, shape, tuple(params.items()), with_lse))
     return cases
 
@@ -165,11 +193,11 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, Any]:
     """Seeded float32 inputs (``q``, ``k``, ``v``, masks, output cotangents) for a case."""
     gen = torch.Generator().manual_seed(seed)
     s = case.shape
-    q = torch.randn(s.batch, s.q_heads, s.q_len, s.head_dim, generator=gen)
-    k = torch.randn(s.batch, s.kv_heads, s.kv_len, s.head_dim, generator=gen)
-    v = torch.randn(s.batch, s.kv_heads, s.kv_len, s.value_dim, generator=gen)
-    grad_out = torch.randn(s.batch, s.q_heads, s.q_len, s.value_dim, generator=gen)
-    grad_lse = torch.randn(s.batch, s.q_heads, s.q_len, generator=gen)
+    q = torch.randn(s.dims(s.q_heads, s.q_len, s.head_dim), generator=gen)
+    k = torch.randn(s.dims(s.kv_heads, s.kv_len, s.head_dim), generator=gen)
+    v = torch.randn(s.dims(s.kv_heads, s.kv_len, s.value_dim), generator=gen)
+    grad_out = torch.randn(s.dims(s.q_heads, s.q_len, s.value_dim), generator=gen)
+    grad_lse = grad_out[..., 0].clone().normal_(generator=gen)
     return {"qkv": (q, k, v), "masks": case.pattern.masks(s, gen), "grad_out": grad_out, "grad_lse": grad_lse}
 
 
@@ -239,7 +267,15 @@ def _property_cases(spec: Method) -> Iterator[tuple[str, dict[str, Any]]]:
 def _qkv(shape: Shape, seed: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     dims = ((shape.q_heads, shape.q_len), (shape.kv_heads, shape.kv_len), (shape.kv_heads, shape.kv_len))
-    return [torch.randn(shape.batch, h, n, shape.head_dim, generator=gen, dtype=dtype) for h, n in dims]
+    return [torch.randn(shape.dims(h, n, shape.head_dim), generator=gen, dtype=dtype) for h, n in dims]
+
+
+def _small_shape(spec: Method, batch: int, q_heads: int, kv_heads: int, n: int, dim: int) -> Shape:
+    """A small problem in the method's layout (its first spatial form, or a sequence of ``n``)."""
+    if spec.capabilities.spatial_dims:
+        grid = SPATIAL_SMALL[spec.capabilities.spatial_dims[0]]
+        return Shape.grid(grid, head_dim=dim, batch=batch, q_heads=q_heads, kv_heads=kv_heads)
+    return Shape(batch, q_heads, kv_heads, n, n, dim, dim)
 
 
 def check_causality(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult:
@@ -304,7 +340,7 @@ def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult |
     if spec.degenerate_params is None:
         return None
     causal = spec.capabilities.causal
-    q, k, v = _qkv(Shape(2, 2, 2, 40, 40, 8, 8), seed)
+    q, k, v = _qkv(_small_shape(spec, 2, 2, 2, 40, 8), seed)
     _, call, _ = prepare(q, k, v, is_causal=causal, method="dense")
     params = spec.degenerate_params(call)
     exact = attention(q, k, v, is_causal=causal, method="dense", backend="reference")
@@ -317,7 +353,8 @@ def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult |
 def check_gradcheck(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult:
     """``torch.autograd.gradcheck`` in float64 on tiny shapes (outputs and log-sum-exp)."""
     causal = spec.capabilities.causal
-    q, k, v = (t.requires_grad_() for t in _qkv(Shape(1, 2, 1 if spec.capabilities.gqa else 2, 6, 6, 4, 4), seed))
+    shape = _small_shape(spec, 1, 2, 1 if spec.capabilities.gqa else 2, 6, 4)
+    q, k, v = (t.requires_grad_() for t in _qkv(shape, seed))
 
     def run(q, k, v):
         return attention(
@@ -335,11 +372,12 @@ def check_gradcheck(spec: Method, backend: str, params: dict[str, Any], seed: in
 def property_checks(spec: Method) -> list[Callable[[], CheckResult | None]]:
     """Every property check that applies to ``spec``, as thunks (tests parametrize over them)."""
     checks: list[Callable[[], CheckResult | None]] = []
+    # Causality for spatial methods is per dimension and method-specific: their issue owns that check.
+    sequence_causal = spec.capabilities.causal and not spec.capabilities.spatial_dims
     for backend, params in _property_cases(spec):
-        if spec.capabilities.causal:
+        if sequence_causal:
             checks.append(lambda b=backend, p=params: check_causality(spec, b, p))
-            if not spec.capabilities.spatial_dims:
-                checks.append(lambda b=backend, p=params: check_prefix(spec, b, p))
+            checks.append(lambda b=backend, p=params: check_prefix(spec, b, p))
         if spec.capabilities.differentiable and backend != "reference":
             checks.append(lambda b=backend, p=params: check_gradcheck(spec, b, p))
     if spec.capabilities.decode:
