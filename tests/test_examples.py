@@ -1,0 +1,23 @@
+"""The examples run: the quick start, and the worked example of docs/adding_a_method.md."""
+
+import runpy
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_runs(capsys):
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "equals SDPA bitwise: True" in out
+
+
+def test_adding_a_method_example_passes_the_generated_suite(capsys):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import custom_method
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert custom_method.main() == 0
+    assert " 0 failed" in capsys.readouterr().out
