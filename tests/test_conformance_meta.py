@@ -14,6 +14,7 @@ from attnzoo.testing import (
     check_causality,
     check_decode,
     check_degenerate,
+    check_dropout,
     check_gradcheck,
     check_prefix,
     conformance_cases,
@@ -105,6 +106,18 @@ def test_decoder_that_forgets_its_cache_is_caught():
     forgetful = dataclasses.replace(DENSE, name="forgetful", decoder=Decoder(_init_kv_cache, forgetful_step))
     with registered(forgetful) as spec:
         assert not check_decode(spec, {}).passed
+
+
+def test_unscaled_dropout_is_caught():
+    def unscaled_dropout(call, params):
+        result = _sdpa(call, dropout_p=0.0)
+        keep = torch.rand(call.q_len, call.kv_len) >= call.dropout_p  # drops weights without 1/(1-p)
+        masked = _sdpa(call, dropout_p=0.0, attn_mask=keep) if call.dropout_p else result
+        return AttentionOutput(masked.out * (1 - call.dropout_p) if call.dropout_p else result.out)
+
+    with registered(_variant("unscaled_dropout", unscaled_dropout)) as spec:
+        result = check_dropout(spec, "buggy", {})
+        assert result is not None and not result.passed
 
 
 def test_a_registered_method_is_picked_up_everywhere():

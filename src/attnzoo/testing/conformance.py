@@ -359,6 +359,27 @@ def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult |
     return CheckResult("degenerate", f"{spec.name}-{backend}-degenerate", passed, "" if passed else f"error {err:.3g}")
 
 
+def check_dropout(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult | None:
+    """Dropout changes the output, and averages to the output without dropout (the weights kept
+    are rescaled by 1 / (1 - p)). ``None`` where the backend does not take dropout."""
+    q, k, v = _qkv(_small_shape(spec, 2, 2, 2, 16, 8), seed)
+    _, call, method_params = prepare(q, k, v, dropout_p=0.3, method=spec.name, **params)
+    if backend != "reference" and spec.backend(backend).why_not(call, method_params):
+        return None
+    exact = attention(q, k, v, method=spec.name, backend=backend, **params)
+    torch.manual_seed(seed)
+    samples = torch.stack(
+        [attention(q, k, v, dropout_p=0.3, method=spec.name, backend=backend, **params) for _ in range(400)]
+    )
+    bias = (samples.mean(dim=0) - exact).abs().max().item()
+    varies = (samples[0] - samples[1]).abs().max().item()
+    # 400 draws: the mean is off by <= 0.07 over seeds 0-4; a missing 1/(1-p) rescale is off by >= 0.39.
+    failures = [] if bias <= 0.15 else [f"mean over 400 draws is off by {bias:.3g} (unscaled or biased dropout)"]
+    if varies == 0.0:
+        failures.append("two draws gave the same output: dropout was not applied")
+    return CheckResult("dropout", f"{spec.name}-{backend}-dropout", not failures, "; ".join(failures))
+
+
 def check_gradcheck(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult:
     """``torch.autograd.gradcheck`` in float64 on tiny shapes (outputs and log-sum-exp)."""
     causal = spec.capabilities.causal
@@ -389,6 +410,8 @@ def property_checks(spec: Method) -> list[Callable[[], CheckResult | None]]:
             checks.append(lambda b=backend, p=params: check_prefix(spec, b, p))
         if spec.capabilities.differentiable and backend != "reference":
             checks.append(lambda b=backend, p=params: check_gradcheck(spec, b, p))
+        if spec.capabilities.dropout and backend != "reference":
+            checks.append(lambda b=backend, p=params: check_dropout(spec, b, p))
     if spec.capabilities.decode:
         checks.extend(lambda p=params: check_decode(spec, p) for params in spec.test_params)
     for backend in spec.backend_names:
