@@ -55,7 +55,7 @@ class AttentionCall:
 
     @property
     def requires_grad(self) -> bool:
-        return any(t.requires_grad for t in (self.query, self.key, self.value))
+        return self.query.requires_grad or self.key.requires_grad or self.value.requires_grad
 
     @property
     def causal_offset(self) -> int:
@@ -123,7 +123,7 @@ def _check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rank
             expected = " or ".join(str(r) for r in ranks)
             layout = "[B, H, N, D]" if ranks == (4,) else "[B, H, *spatial, D]"
             raise ValueError(f"{name} must have rank {expected} (layout {layout}), got shape {list(t.shape)}")
-        if any(s == 0 for s in t.shape):
+        if 0 in t.shape:
             raise ValueError(f"{name} has an empty dimension: shape {list(t.shape)}")
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype:
@@ -214,10 +214,11 @@ def build_call(
     ranks = tuple(3 + s for s in spatial_dims) if spatial_dims else (4,)
     _check_qkv(query, key, value, ranks)
     _check_heads_and_lengths(query, key, value)
-    spatial_shape = tuple(query.shape[2:-1]) if spatial_dims else None
-    q_len = math.prod(query.shape[2:-1])
-    kv_len = math.prod(key.shape[2:-1])
-    batch, q_heads, kv_heads = query.shape[0], query.shape[1], key.shape[1]
+    q_shape, k_shape = query.shape, key.shape
+    spatial_shape = tuple(q_shape[2:-1]) if spatial_dims else None
+    q_len = q_shape[2] if len(q_shape) == 4 else math.prod(q_shape[2:-1])
+    kv_len = k_shape[2] if len(k_shape) == 4 else math.prod(k_shape[2:-1])
+    batch, q_heads, kv_heads = q_shape[0], q_shape[1], k_shape[1]
     full = (batch, q_heads, q_len, kv_len)
     return AttentionCall(
         query=query,
@@ -226,7 +227,7 @@ def build_call(
         attn_mask=_check_attn_mask(attn_mask, query, full),
         dropout_p=_check_dropout(dropout_p),
         is_causal=is_causal,
-        scale=_check_scale(scale, query.shape[-1]),
+        scale=_check_scale(scale, q_shape[-1]),
         kv_mask=_check_kv_mask(kv_mask, batch, kv_len, query.device),
         return_lse=return_lse,
         return_state=return_state,
@@ -235,7 +236,7 @@ def build_call(
         kv_heads=kv_heads,
         q_len=q_len,
         kv_len=kv_len,
-        head_dim=query.shape[-1],
+        head_dim=q_shape[-1],
         value_dim=value.shape[-1],
         spatial_shape=spatial_shape,
     )
