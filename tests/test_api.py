@@ -148,6 +148,12 @@ def test_forced_reference_backend_matches():
     )
 
 
+def test_forced_reference_refuses_dropout_instead_of_ignoring_it():
+    q, k, v = _qkv()
+    with pytest.raises(attnzoo.NoBackendError, match="dropout"):
+        attnzoo.attention(q, k, v, dropout_p=0.2, backend="reference")
+
+
 def test_non_contiguous_inputs():
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv())
     assert not q.is_contiguous()

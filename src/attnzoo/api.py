@@ -80,7 +80,7 @@ def select_backend(spec: Method, call: AttentionCall, params: MethodParams, back
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         chosen = spec.backend(backend)
-        reasons = [] if backend == REFERENCE else chosen.why_not(call, params)
+        reasons = chosen.why_not(call, params)
         if reasons:
             raise NoBackendError(
                 f"backend {backend!r} of method {spec.name!r} cannot run {call.describe()}: " + "; ".join(reasons)

@@ -35,6 +35,10 @@ def _no_reasons(call: AttentionCall, params: Any) -> list[str]:
     return []
 
 
+def _reference_reasons(call: AttentionCall, params: Any) -> list[str]:
+    return ["dropout_p > 0: references compute the attention without dropout"] if call.dropout_p > 0 else []
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a method supports. Every flag turns on the matching conformance checks."""
@@ -122,7 +126,7 @@ class Method:
 
     def backend(self, name: str) -> Backend:
         if name == REFERENCE:
-            return Backend(REFERENCE, self.reference, description="the dense readable reference")
+            return Backend(REFERENCE, self.reference, _reference_reasons, description="the dense readable reference")
         for b in self.backends:
             if b.name == name:
                 return b
