@@ -9,7 +9,7 @@ import attnzoo
 from attnzoo.kernels import sdpa as sdpa_kernel
 
 
-def _qkv(B=2, H=4, Nq=33, Nk=33, D=16, Hkv=None, dtype=torch.float32, seed=0):
+def random_qkv(B=2, H=4, Nq=33, Nk=33, D=16, Hkv=None, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     Hkv = Hkv or H
     q = torch.randn(B, H, Nq, D, generator=gen).to(dtype)
@@ -31,7 +31,7 @@ SHARED_ARGUMENTS = [
 @pytest.mark.parametrize("kwargs", SHARED_ARGUMENTS, ids=lambda kw: ",".join(kw) or "plain")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_equals_sdpa_bitwise(kwargs, dtype):
-    q, k, v = _qkv(dtype=dtype)
+    q, k, v = random_qkv(dtype=dtype)
     kwargs = {
         n: (a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for n, a in kwargs.items()
     }
@@ -39,7 +39,7 @@ def test_equals_sdpa_bitwise(kwargs, dtype):
 
 
 def test_equals_sdpa_with_gqa_and_dropout():
-    q, k, v = _qkv(Hkv=2)
+    q, k, v = random_qkv(Hkv=2)
     expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert torch.equal(attnzoo.attention(q, k, v, enable_gqa=True), expected)
     assert torch.equal(attnzoo.attention(q, k, v), expected)
@@ -51,7 +51,7 @@ def test_equals_sdpa_with_gqa_and_dropout():
 
 
 def test_causal_cross_attention_is_bottom_right_aligned():
-    q, k, v = _qkv(Nq=5, Nk=40)
+    q, k, v = random_qkv(Nq=5, Nk=40)
     out = attnzoo.attention(q, k, v, is_causal=True)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 40))
     torch.testing.assert_close(out, expected)
@@ -60,7 +60,7 @@ def test_causal_cross_attention_is_bottom_right_aligned():
 
 
 def test_more_queries_than_keys_gives_zero_rows_not_nan():
-    q, k, v = _qkv(Nq=10, Nk=4)
+    q, k, v = random_qkv(Nq=10, Nk=4)
     for backend in ["sdpa", "tiled", "reference"]:
         out, lse = attnzoo.attention(q, k, v, is_causal=True, backend=backend, return_lse=True)
         assert torch.equal(out[:, :, :6], torch.zeros_like(out[:, :, :6])), backend
@@ -69,7 +69,7 @@ def test_more_queries_than_keys_gives_zero_rows_not_nan():
 
 @pytest.mark.parametrize("left", [False, True])
 def test_padding_mask_equals_explicit_mask(left):
-    q, k, v = _qkv(B=3)
+    q, k, v = random_qkv(B=3)
     lengths = torch.tensor([33, 20, 0])
     positions = torch.arange(33)
     kv_mask = positions >= 33 - lengths[:, None] if left else positions < lengths[:, None]
@@ -81,7 +81,7 @@ def test_padding_mask_equals_explicit_mask(left):
 
 
 def test_causal_with_attn_mask_is_allowed_unlike_sdpa():
-    q, k, v = _qkv()
+    q, k, v = random_qkv()
     mask = torch.rand(33, 33, generator=torch.Generator().manual_seed(3)) < 0.5
     out = attnzoo.attention(q, k, v, attn_mask=mask, is_causal=True)
     combined = mask & torch.ones(33, 33, dtype=torch.bool).tril()
@@ -92,7 +92,7 @@ def test_causal_with_attn_mask_is_allowed_unlike_sdpa():
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_zero_scale_causal_is_a_running_mean_not_nan(backend, return_lse):
     # SDPA's CPU flash kernel returns NaN for is_causal=True with scale=0.0; attnzoo must not.
-    q, k, v = _qkv(Nq=6, Nk=6, dtype=torch.float64)
+    q, k, v = random_qkv(Nq=6, Nk=6, dtype=torch.float64)
     result = attnzoo.attention(q, k, v, is_causal=True, scale=0.0, backend=backend, return_lse=return_lse)
     out = result[0] if return_lse else result
     running_mean = v.cumsum(2) / torch.arange(1, 7, dtype=torch.float64)[:, None]
@@ -100,7 +100,7 @@ def test_zero_scale_causal_is_a_running_mean_not_nan(backend, return_lse):
 
 
 def test_return_forms():
-    q, k, v = _qkv()
+    q, k, v = random_qkv()
     assert isinstance(attnzoo.attention(q, k, v), torch.Tensor)
     out, lse = attnzoo.attention(q, k, v, return_lse=True)
     assert out.shape == q.shape and lse.shape == q.shape[:-1] and lse.dtype == torch.float32
@@ -111,7 +111,7 @@ def test_return_forms():
 
 
 def test_value_head_size_may_differ():
-    q, k, _ = _qkv()
+    q, k, _ = random_qkv()
     v = torch.randn(2, 4, 33, 24)
     expected = F.scaled_dot_product_attention(q, k, v)
     assert torch.equal(attnzoo.attention(q, k, v), expected)
@@ -121,7 +121,7 @@ def test_value_head_size_may_differ():
 
 
 def test_dispatch_moves_on_when_sdpa_would_build_a_large_mask(monkeypatch):
-    q, k, v = _qkv(Nq=17, Nk=33)
+    q, k, v = random_qkv(Nq=17, Nk=33)
     assert attnzoo.explain(q, k, v, is_causal=True).chosen == "sdpa"
     monkeypatch.setattr(sdpa_kernel, "DENSE_MASK_LIMIT_BYTES", 100)
     explanation = attnzoo.explain(q, k, v, is_causal=True)
@@ -132,7 +132,7 @@ def test_dispatch_moves_on_when_sdpa_would_build_a_large_mask(monkeypatch):
 
 
 def test_no_backend_error_lists_every_reason(monkeypatch):
-    q, k, v = _qkv(Nq=17, Nk=33)
+    q, k, v = random_qkv(Nq=17, Nk=33)
     monkeypatch.setattr(sdpa_kernel, "DENSE_MASK_LIMIT_BYTES", 100)
     with pytest.raises(attnzoo.NoBackendError) as info:
         attnzoo.attention(q, k, v, is_causal=True, dropout_p=0.1)
@@ -141,7 +141,7 @@ def test_no_backend_error_lists_every_reason(monkeypatch):
 
 
 def test_forced_reference_backend_matches():
-    q, k, v = _qkv(dtype=torch.float64)
+    q, k, v = random_qkv(dtype=torch.float64)
     torch.testing.assert_close(
         attnzoo.attention(q, k, v, is_causal=True, backend="reference"),
         F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -149,13 +149,13 @@ def test_forced_reference_backend_matches():
 
 
 def test_forced_reference_refuses_dropout_instead_of_ignoring_it():
-    q, k, v = _qkv()
+    q, k, v = random_qkv()
     with pytest.raises(attnzoo.NoBackendError, match="dropout"):
         attnzoo.attention(q, k, v, dropout_p=0.2, backend="reference")
 
 
 def test_non_contiguous_inputs():
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv())
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in random_qkv())
     assert not q.is_contiguous()
     expected = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
     for backend in ["sdpa", "tiled"]:
@@ -165,7 +165,7 @@ def test_non_contiguous_inputs():
 def test_tiled_block_sizes_do_not_change_the_result():
     from attnzoo.kernels.tiled import tiled_attention
 
-    q, k, v = _qkv(Nq=70, Nk=70, dtype=torch.float64)
+    q, k, v = random_qkv(Nq=70, Nk=70, dtype=torch.float64)
     expected, expected_lse = tiled_attention(q, k, v, scale=0.25, is_causal=True)
     for q_block, kv_block in [(1, 1), (7, 13), (64, 5), (128, 128)]:
         out, lse = tiled_attention(q, k, v, scale=0.25, is_causal=True, q_block=q_block, kv_block=kv_block)
@@ -178,7 +178,7 @@ def test_tiled_block_sizes_do_not_change_the_result():
 def test_tiled_broadcast_masks_across_many_tiles(shape, boolean):
     from attnzoo.kernels.tiled import tiled_attention
 
-    q, k, v = _qkv(Nq=70, Nk=70, dtype=torch.float64)
+    q, k, v = random_qkv(Nq=70, Nk=70, dtype=torch.float64)
     gen = torch.Generator().manual_seed(5)
     mask = torch.rand(shape, generator=gen) < 0.8 if boolean else torch.randn(shape, generator=gen, dtype=torch.float64)
     while mask.dim() < 4:

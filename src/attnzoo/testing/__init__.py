@@ -1,9 +1,8 @@
 """Conformance checks generated from the registry, shared by the test suite and ``attnzoo check``."""
 
+from .cases import Case, Shape, conformance_cases
 from .conformance import (
-    Case,
     CheckResult,
-    Shape,
     check_case,
     check_causality,
     check_decode,
@@ -11,7 +10,6 @@ from .conformance import (
     check_dropout,
     check_gradcheck,
     check_prefix,
-    conformance_cases,
     property_checks,
     run_checks,
 )
