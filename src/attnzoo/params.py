@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+# Plain dicts, not functools.cache: dispatch stays traceable by torch.compile without warnings.
+_HINTS: dict[type, dict[str, Any]] = {}
+_DEFAULTS: dict[type, Any] = {}
 
-@functools.cache
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
-@functools.cache
 def _defaults(cls: type[MethodParams]) -> MethodParams:
-    return cls()
+    if cls not in _DEFAULTS:
+        _DEFAULTS[cls] = cls()
+    return _DEFAULTS[cls]
 
 
 def param(default: Any, doc: str) -> Any:
