@@ -1,5 +1,7 @@
 """init_state / step: token-by-token decoding."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -43,3 +45,19 @@ def test_step_refuses_mismatched_tokens_and_states():
         attnzoo.step(q.double(), q.double(), q.double(), state)
     with pytest.raises(TypeError, match="state"):
         attnzoo.step(q, q, q, {"key": q})
+
+
+def test_step_dispatches_like_attention(monkeypatch):
+    dense = importlib.import_module("attnzoo.methods.dense")
+    from attnzoo.kernels import sdpa as sdpa_kernel
+
+    monkeypatch.setattr(sdpa_kernel, "DENSE_MASK_LIMIT_BYTES", 100)  # sdpa declines; tiled must run
+    tiled_calls = []
+    original = dense.tiled_attention
+    monkeypatch.setattr(dense, "tiled_attention", lambda *a, **kw: tiled_calls.append(1) or original(*a, **kw))
+    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+    state = _state()
+    first, state = attnzoo.step(q[:, :, :5], k[:, :, :5], v[:, :, :5], state)
+    rest, state = attnzoo.step(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], state)
+    assert tiled_calls, "the step with a cache built the dense mask instead of dispatching to tiled"
+    torch.testing.assert_close(torch.cat([first, rest], 2), attnzoo.attention(q, k, v, is_causal=True, backend="tiled"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..api import select_backend
 from ..inputs import AttentionCall
 from ..kernels.masks import dense_visibility
 from ..kernels.reference import softmax_reference
@@ -90,7 +91,8 @@ def _step(call: AttentionCall, cache: KVCache, params: DenseParams) -> tuple[Att
             )
     cache = KVCache(torch.cat([cache.key, call.key], dim=2), torch.cat([cache.value, call.value], dim=2))
     full = call.replace(key=cache.key, value=cache.value, kv_len=cache.key.shape[2])
-    return _run_sdpa(full, params), cache
+    backend = select_backend(DENSE, full, params)  # the same dispatch as attention(): tiled past the mask limit
+    return backend.run(full, params), cache
 
 
 def _tiled_reasons(call: AttentionCall, params: DenseParams) -> list[str]:
