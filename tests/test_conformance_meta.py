@@ -120,6 +120,20 @@ def test_unscaled_dropout_is_caught():
         assert result is not None and not result.passed
 
 
+def test_a_crashing_backend_is_a_failure_reported_under_its_method(capsys):
+    from attnzoo import cli
+    from attnzoo.testing import run_checks
+
+    def crashes(call, params):
+        raise RuntimeError("kernel exploded")
+
+    with registered(_variant("crashy", crashes)) as spec:
+        errors = [r for r in run_checks([spec.name]) if r.check == "error"]
+        assert errors and all(r.case_id == "crashy-crash" and "kernel exploded" in r.message for r in errors)
+        assert cli.main(["check", spec.name]) == 1
+        assert "crashy" in capsys.readouterr().out
+
+
 def test_a_registered_method_is_picked_up_everywhere():
     with registered(_variant("another_dense", DENSE.backends[0].run)) as spec:
         assert spec in attnzoo.methods()

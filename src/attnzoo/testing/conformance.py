@@ -22,6 +22,7 @@ import torch
 from ..api import attention, prepare
 from ..registry import Method, get_method, methods
 from .cases import Case, Shape, conformance_cases, make_inputs, random_qkv, small_shape
+from .poison import poison_uninitialized
 
 FLOORS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
@@ -240,32 +241,22 @@ def property_checks(spec: Method) -> list[Callable[[], CheckResult | None]]:
     return checks
 
 
-def run_checks(
-    method_names: list[str] | None = None,
-    quick: bool = True,
-    progress: Callable[[CheckResult], None] | None = None,
-) -> list[CheckResult]:
-    """Run the gold rule on every case and every property check; returns one result per check."""
-    from .poison import poison_uninitialized
-
+def run_checks(method_names: list[str] | None = None, quick: bool = True) -> list[CheckResult]:
+    """Run the gold rule on every case and every property check, with uninitialised memory
+    poisoned; returns one result per check. A check that raises is a failed ``error`` result."""
     specs = [get_method(n) for n in method_names] if method_names else methods()
+    thunks: list[tuple[str, Callable[[], CheckResult | None]]] = []
+    for case in conformance_cases([s.name for s in specs], quick=quick):
+        thunks.append((case.method, lambda c=case: check_case(c)))
+    for spec in specs:
+        thunks.extend((spec.name, check) for check in property_checks(spec))
     results = []
     with poison_uninitialized():
-        thunks: list[Callable[[], CheckResult | None]] = []
-        for case in conformance_cases([s.name for s in specs], quick=quick):
-            thunks.append(lambda c=case: check_case(c))
-        for spec in specs:
-            thunks.extend(property_checks(spec))
-        for thunk in thunks:
+        for method, thunk in thunks:
             try:
                 result = thunk()
             except Exception as error:  # a crash is a failed check, reported with its cause
-                result = CheckResult(
-                    "error", getattr(thunk, "__name__", "check"), False, f"{type(error).__name__}: {error}"
-                )
-            if result is None:
-                continue
-            results.append(result)
-            if progress is not None:
-                progress(result)
+                result = CheckResult("error", f"{method}-crash", False, f"{type(error).__name__}: {error}")
+            if result is not None:
+                results.append(result)
     return results
