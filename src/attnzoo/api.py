@@ -71,7 +71,10 @@ def prepare(
     errors = capability_errors(spec, call)
     if errors:
         raise ValueError("; ".join(errors))
-    return spec, call, spec.params.from_kwargs(spec.name, params)
+    method_params = spec.params.from_kwargs(spec.name, params)
+    if spec.check is not None:
+        spec.check(call, method_params)
+    return spec, call, method_params
 
 
 def select_backend(spec: Method, call: AttentionCall, params: MethodParams, backend: Any = None) -> Backend:

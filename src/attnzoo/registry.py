@@ -107,7 +107,9 @@ class Method:
 
     ``test_params`` are parameter sets the conformance suite runs; ``degenerate_params``
     maps a call to parameters under which the method must equal exact attention (its budget
-    at the maximum), or is ``None`` for exact methods.
+    at the maximum), or is ``None`` for exact methods. ``check(call, params)`` validates the
+    parameters against the inputs (a kernel larger than the extent, say) and raises
+    ``ValueError`` naming the parameter, before any backend runs.
     """
 
     name: str
@@ -123,6 +125,7 @@ class Method:
     degenerate_params: Callable[[AttentionCall], dict[str, Any] | None] | None = None
     decoder: Decoder | None = None
     notes: str = ""
+    check: Callable[[AttentionCall, Any], None] | None = None
 
     def backend(self, name: str) -> Backend:
         if name == REFERENCE:

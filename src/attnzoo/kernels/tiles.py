@@ -128,6 +128,16 @@ class _Chunks:
         self.layout = layout
         per_tile = heads * layout.q_tile * layout.span * 4
         self.size = max(1, WORKSPACE_BYTES // per_tile)
+        self._buffers: dict[str, Tensor] = {}
+
+    def _gather(self, name: str, x: Tensor, idx: Tensor) -> Tensor:
+        """``x.index_select(1, idx)`` into a buffer reused across chunks (no page faults per chunk)."""
+        shape = (x.shape[0], idx.shape[0], x.shape[2])
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < shape[0] * shape[1] * shape[2] or buf.dtype != x.dtype:
+            buf = x.new_empty(shape[0] * self.size * max(self.layout.q_tile, self.layout.span) * shape[2])
+            self._buffers[name] = buf
+        return torch.index_select(x, 1, idx, out=buf[: shape[0] * shape[1] * shape[2]].view(shape))
 
     def chunks(self):
         for run in self.layout.runs:
@@ -140,16 +150,16 @@ class _Chunks:
             return None
         return self.layout.q_index[a:b].reshape(-1)
 
-    def read_q(self, x: Tensor, run: Run, a: int, b: int) -> Tensor:
+    def read_q(self, x: Tensor, run: Run, a: int, b: int, name: str = "q") -> Tensor:
         """``x [BH, N, E]`` -> ``[n, BH, Tq, E]`` for tiles [a, b)."""
         n, Tq = b - a, self.layout.q_tile
         if run.q_start is not None:
             start = run.q_start + (a - run.t0) * Tq
             return x[:, start : start + n * Tq].unflatten(1, (n, Tq)).transpose(0, 1)
         idx = self.layout.q_index[a:b].reshape(-1).clamp(min=0)
-        return x.index_select(1, idx).unflatten(1, (n, Tq)).transpose(0, 1)
+        return self._gather(name, x, idx).unflatten(1, (n, Tq)).transpose(0, 1)
 
-    def read_k(self, x: Tensor, run: Run, a: int, b: int) -> Tensor:
+    def read_k(self, x: Tensor, run: Run, a: int, b: int, name: str = "k") -> Tensor:
         """``x [BH, N, E]`` -> ``[n, BH, S, E]`` for tiles [a, b) (a strided view where possible)."""
         n, S = b - a, self.layout.span
         if run.k_start is not None:
@@ -157,7 +167,7 @@ class _Chunks:
             s0, s1, s2 = x.stride()
             return x.as_strided((n, x.shape[0], S, x.shape[2]), (run.k_step * s1, s0, s1, s2), x.storage_offset() + start * s1)
         idx = self.layout.k_index[a:b].reshape(-1).clamp(min=0)
-        return x.index_select(1, idx).unflatten(1, (n, S)).transpose(0, 1)
+        return self._gather(name, x, idx).unflatten(1, (n, S)).transpose(0, 1)
 
     def k_rows(self, run: Run, a: int, b: int) -> Tensor:
         if run.k_start is not None:
@@ -225,27 +235,37 @@ def _forward(q, k, v, kv_mask, layout: TileLayout, scale: float):
     flash = _use_flash(q, v)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     table = _bias_table(layout.masks, q.dtype if flash else work)
-    out = q.new_zeros(B, Hq, Nq, Dv)
-    lse = torch.full((B, Hq, Nq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    raw = torch.zeros_like(lse)  # the kernel's own log-sum-exp, what its backward expects
-    row_any = layout.masks.any(-1)  # [M, Tq]
+    covered = int((layout.q_index >= 0).sum()) == Nq  # every query in a tile: no need to zero
+    alloc = torch.empty if covered else torch.zeros
+    out = alloc(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    lse = alloc(B, Hq, Nq, dtype=lse_dtype(q.dtype), device=q.device)
+    if not covered:
+        lse.fill_(float("-inf"))
+    raw = torch.empty_like(lse)  # the kernel's own log-sum-exp, what its backward expects
+    row_empty = ~layout.masks.any(-1)  # [M, Tq]
+    mask_has_empty = row_empty.any(-1).tolist()
     for sl, qf, kf, vf, key_ok in _groups(q, k, v, kv_mask):
         io = _Chunks(layout, qf.shape[0], kf.shape[0])
         of, lf, rf = out[sl].flatten(0, 1), lse[sl].flatten(0, 1), raw[sl].flatten(0, 1)
         for run, a, b in io.chunks():
-            qg, kg, vg = io.read_q(qf, run, a, b), io.read_k(kf, run, a, b), io.read_k(vf, run, a, b)
+            qg, kg, vg = io.read_q(qf, run, a, b), io.read_k(kf, run, a, b), io.read_k(vf, run, a, b, "v")
             bias = io.bias(run, a, b, key_ok, table.dtype, table)
             if flash:
                 og, lg = _flash(qg, kg, vg, 0.0, False, attn_mask=bias, scale=scale)
             else:
                 og, lg = _math_attend(qg, kg, vg, bias, scale)
-            empty = torch.isneginf(bias).all(-1) if bias.shape[0] > 1 or key_ok is not None else None
-            if empty is None:
-                empty = ~row_any[run.mask][None, None] if run.mask is not None else ~row_any[layout.mask_id[a:b]][:, None]
-            empty = empty.expand(lg.shape)
             io.write_q(rf.unsqueeze(-1), lg.to(rf.dtype).unsqueeze(-1), run, a, b)
-            io.write_q(lf.unsqueeze(-1), lg.masked_fill(empty, float("-inf")).to(lf.dtype).unsqueeze(-1), run, a, b)
-            io.write_q(of, og.masked_fill(empty[..., None], 0.0), run, a, b)
+            if key_ok is not None or run.mask is None:
+                empty = torch.isneginf(bias).all(-1)  # [n, 1, Tq]
+            elif mask_has_empty[run.mask]:
+                empty = row_empty[run.mask][None, None]
+            else:
+                empty = None
+            if empty is not None:
+                empty = empty.expand(lg.shape)
+                lg, og = lg.masked_fill(empty, float("-inf")), og.masked_fill(empty[..., None], 0.0)
+            io.write_q(lf.unsqueeze(-1), lg.to(lf.dtype).unsqueeze(-1), run, a, b)
+            io.write_q(of, og, run, a, b)
     return out, lse, raw
 
 
@@ -266,12 +286,12 @@ def _backward(q, k, v, kv_mask, layout, scale, out, raw, grad_out, grad_lse):
         glf = grad_lse[sl].flatten(0, 1) if grad_lse is not None else None
         dqf, dkf, dvf = dq[sl].flatten(0, 1), dk[sl].flatten(0, 1), dv[sl].flatten(0, 1)
         for run, a, b in io.chunks():
-            qg, kg, vg = io.read_q(qf, run, a, b), io.read_k(kf, run, a, b), io.read_k(vf, run, a, b)
-            og, gog = io.read_q(of, run, a, b), io.read_q(gof, run, a, b)
-            lg = io.read_q(rf.unsqueeze(-1), run, a, b).squeeze(-1)
+            qg, kg, vg = io.read_q(qf, run, a, b), io.read_k(kf, run, a, b), io.read_k(vf, run, a, b, "v")
+            og, gog = io.read_q(of, run, a, b, "o"), io.read_q(gof, run, a, b, "go")
+            lg = io.read_q(rf.unsqueeze(-1), run, a, b, "lse").squeeze(-1)
             gl = None
             if glf is not None:
-                gl = io.read_q(glf.unsqueeze(-1), run, a, b)
+                gl = io.read_q(glf.unsqueeze(-1), run, a, b, "glse")
                 gl = gl.masked_fill(~torch.isfinite(gl), 0.0)
             bias = io.bias(run, a, b, key_ok, table.dtype, table)
             if flash:

@@ -1,5 +1,5 @@
 """One module per method; importing this package registers them all."""
 
-from . import dense, sliding_window
+from . import dense, neighborhood, sliding_window, windows
 
-__all__ = ["dense", "sliding_window"]
+__all__ = ["dense", "neighborhood", "sliding_window", "windows"]
