@@ -56,7 +56,7 @@ def dilated_axis(q_len: int, kv_len: int, dilation: int, offset: int, interval, 
     q_parts, k_parts, lo_parts, hi_parts, groups = [], [], [], [], []
     q_done = k_done = 0
     for r in range(dilation):
-        keys = torch.arange(r, kv_len, dilation, device=device)
+        keys = torch.arange(r, max(r, kv_len), dilation, device=device)
         aligned = torch.arange(q_len, device=device) + offset
         queries = torch.nonzero(aligned % dilation == r).flatten()
         groups.append(q_done)

@@ -84,6 +84,23 @@ class TileLayout:
         return int(per_mask[self.mask_id].sum())
 
 
+_LAYOUTS: dict[tuple, TileLayout] = {}
+LAYOUT_CACHE_SIZE = 64
+
+
+def cached_layout(key: tuple, build) -> TileLayout:
+    """The layout for ``key`` (everything it depends on: sizes, parameters, causality, device),
+    built by ``build()`` on first use. Training calls the same shapes every step, so a layout is
+    built once; the cache forgets its oldest entry past :data:`LAYOUT_CACHE_SIZE`."""
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = build()
+        if len(_LAYOUTS) >= LAYOUT_CACHE_SIZE:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = layout
+    return layout
+
+
 def plan_runs(q_index: Tensor, k_index: Tensor, mask_id: Tensor) -> tuple[Run, ...]:
     """Group consecutive tiles with one mask id, marking contiguous, evenly spaced ones."""
     T, Tq = q_index.shape

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..inputs import AttentionCall
 from ..kernels.intervals import Axis, axis_tiles, product_layout
 from ..kernels.reference import softmax_reference
-from ..kernels.tiles import TileLayout, tile_attention
+from ..kernels.tiles import TileLayout, cached_layout, tile_attention
 from ..registry import AttentionOutput
 
 # Query tile edge per number of spatial dims: about 64 queries per tile.
@@ -38,6 +38,11 @@ def per_axis(value: int | tuple[int, ...], ndim: int, name: str) -> tuple[int, .
 
 
 def spatial_layout(call: AttentionCall, params: Any, intervals: AxisFn) -> TileLayout:
+    key = (intervals, params, call.spatial_shape, call.is_causal, str(call.device))
+    return cached_layout(key, lambda: _build_layout(call, params, intervals))
+
+
+def _build_layout(call: AttentionCall, params: Any, intervals: AxisFn) -> TileLayout:
     extent = call.spatial_shape
     tiles = []
     for axis_index, size in enumerate(extent):

@@ -21,7 +21,7 @@ from ..inputs import AttentionCall
 from ..kernels.intervals import axis_tiles, dilated_axis, identity_axis, product_layout
 from ..kernels.lse import merge_attention_states
 from ..kernels.reference import lse_dtype, softmax_reference
-from ..kernels.tiles import tile_attention
+from ..kernels.tiles import cached_layout, tile_attention
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
 
@@ -89,6 +89,11 @@ def reference(call: AttentionCall, p: SlidingWindowParams) -> AttentionOutput:
 
 
 def layout(call: AttentionCall, p: SlidingWindowParams):
+    key = ("sliding_window", p, call.q_len, call.kv_len, call.is_causal, str(call.device))
+    return cached_layout(key, lambda: _build_layout(call, p))
+
+
+def _build_layout(call: AttentionCall, p: SlidingWindowParams):
     left, right = _bounds(call, p)
     off = call.causal_offset
     if p.dilation == 1:

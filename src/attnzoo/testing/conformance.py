@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..api import attention, prepare
+from ..inputs import build_call
 from ..registry import Method, get_method, methods
 from .cases import Case, Shape, conformance_cases, make_inputs, random_qkv, small_shape
 from .poison import poison_uninitialized
@@ -169,9 +170,10 @@ def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult |
     """With its budget at the maximum, an approximate method equals exact attention."""
     if spec.degenerate_params is None:
         return None
-    causal = spec.capabilities.causal
+    # spatial methods are causal per axis, which is not dense causal attention: compare non-causal
+    causal = spec.capabilities.causal and not (spec.capabilities.spatial_dims and spec.capabilities.noncausal)
     q, k, v = random_qkv(small_shape(spec, 2, 2, 2, 40, 8), seed)
-    _, call, _ = prepare(q, k, v, is_causal=causal, method="dense")
+    call = build_call(q, k, v, None, 0.0, causal, None, False, None, False, False, spec.capabilities.spatial_dims)
     params = spec.degenerate_params(call)
     exact = attention(q, k, v, is_causal=causal, method="dense", backend="reference")
     found = attention(q, k, v, is_causal=causal, method=spec.name, backend=backend, **params)
