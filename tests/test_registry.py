@@ -15,7 +15,7 @@ def test_public_namespace():
     assert set(attnzoo.__all__) == {
         "AttentionCall", "AttentionOutput", "Backend", "Capabilities", "DecodeState", "Explanation",
         "Method", "NoBackendError", "Paper", "__version__", "attention", "explain", "get_method",
-        "init_state", "merge_attention_states", "methods", "nn", "register", "step",
+        "init_state", "merge_attention_states", "methods", "nn", "register", "step", "conventions",
     }  # fmt: skip
     for name in attnzoo.__all__:
         assert hasattr(attnzoo, name)

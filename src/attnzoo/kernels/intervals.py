@@ -82,9 +82,14 @@ def dilated_axis(q_len: int, kv_len: int, dilation: int, offset: int, interval, 
 @dataclass(frozen=True)
 class AxisTiles:
     q: Tensor  # [nt, t] original query coordinates, -1 pads
-    k: Tensor  # [nt, S] original key coordinates, -1 pads
+    k_start: Tensor  # [nt] first key of each tile's span, in processing order
+    k_order: Tensor  # [Lk] original key coordinates in processing order
     mask_id: Tensor  # [nt]
     masks: Tensor  # [M, t, S]
+
+    @property
+    def span(self) -> int:
+        return self.masks.shape[2]
 
 
 def axis_tiles(axis: Axis, tile: int) -> AxisTiles:
@@ -113,37 +118,60 @@ def axis_tiles(axis: Axis, tile: int) -> AxisTiles:
     cols = torch.arange(span, device=device)
     masks = (cols >= signature[:, :tile, None]) & (cols <= signature[:, tile:, None])
     q = torch.where(valid, axis.q_order[pos], -1)
-    k = axis.k_order[k_start[:, None] + cols]
-    return AxisTiles(q, k, mask_id.reshape(-1), masks)
+    return AxisTiles(q, k_start, axis.k_order, mask_id.reshape(-1), masks)
 
 
-def _outer(a: Tensor, b: Tensor, combine) -> Tensor:
-    """``[n, x]`` and ``[m, y]`` -> ``[n * m, x * y]`` combining every pair of rows and columns."""
-    out = combine(a[:, None, :, None], b[None, :, None, :])
-    return out.reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+def _columns(a: Tensor, b: Tensor) -> Tensor:
+    """Per row, every sum of an ``a`` entry and a ``b`` entry, row-major: ``[T, x], [T, y] -> [T, x * y]``;
+    -1 wherever either is -1 (a padded slot)."""
+    x, y = a[:, :, None], b[:, None, :]
+    return torch.where((x >= 0) & (y >= 0), x + y, -1).reshape(a.shape[0], -1)
 
 
 def product_layout(axes: list[AxisTiles], q_extent: tuple[int, ...], k_extent: tuple[int, ...]) -> TileLayout:
-    """The tile layout over flat (row-major) positions of the separable pattern ``axes``."""
-    q_strides = [math.prod(q_extent[i + 1 :]) for i in range(len(q_extent))]
-    k_strides = [math.prod(k_extent[i + 1 :]) for i in range(len(k_extent))]
+    """The tile layout over flat (row-major) positions of the separable pattern ``axes``.
 
-    def flat(coords: Tensor, stride: int) -> Tensor:
-        return torch.where(coords >= 0, coords * stride, -1)
-
-    def add(x: Tensor, y: Tensor) -> Tensor:
-        return torch.where((x >= 0) & (y >= 0), x + y, -1)
-
-    q = flat(axes[0].q, q_strides[0])
-    k = flat(axes[0].k, k_strides[0])
-    mask_id, masks = axes[0].mask_id, axes[0].masks
-    for ax, qs, ks in zip(axes[1:], q_strides[1:], k_strides[1:]):
-        q = _outer(q, flat(ax.q, qs), add)
-        k = _outer(k, flat(ax.k, ks), add)
-        mask_id = (mask_id[:, None] * ax.masks.shape[0] + ax.mask_id[None, :]).reshape(-1)
+    Keys are read from a *key source*: the keys rearranged once so that every tile's keys are
+    one contiguous range. For each combination of tiles along axes ``1..n-1`` the source holds a
+    block ``[all keys of axis 0 in processing order, span_1, ..., span_{n-1}]``; a tile reads
+    rows ``k_start_0[t_0] ..`` of its block. Tiles are numbered with axis 0 fastest, so
+    neighbours read evenly spaced ranges (strided views). A 1-D pattern in natural order needs
+    no source: tiles read the keys in place. Query and key slots are row-major over the axes.
+    """
+    n = len(axes)
+    device = axes[0].q.device
+    q_strides = [math.prod(q_extent[i + 1 :]) for i in range(n)]
+    k_strides = [math.prod(k_extent[i + 1 :]) for i in range(n)]
+    counts = [ax.q.shape[0] for ax in axes]
+    tile = torch.arange(math.prod(counts), device=device)
+    digits = []  # t_d of every tile, axis 0 fastest
+    for count in counts:
+        digits.append(tile % count)
+        tile = tile // count
+    q = torch.where(axes[0].q >= 0, axes[0].q * q_strides[0], -1)[digits[0]]
+    mask_id = axes[0].mask_id[digits[0]]
+    masks = axes[0].masks
+    block = torch.zeros_like(digits[0])
+    for d in range(1, n):
+        ax = axes[d]
+        q = _columns(q, torch.where(ax.q >= 0, ax.q * q_strides[d], -1)[digits[d]])
+        mask_id = mask_id * ax.masks.shape[0] + ax.mask_id[digits[d]]
         m = masks[:, None, :, None, :, None] & ax.masks[None, :, None, :, None, :]
         masks = m.reshape(masks.shape[0] * ax.masks.shape[0], masks.shape[1] * ax.masks.shape[1], -1)
+        block = block * counts[d] + digits[d]
+    # the key source, block b = row-major (t_1, ..., t_{n-1}): [Lk_0, S_1, ..., S_{n-1}]
+    rest = torch.zeros(1, 1, dtype=torch.long, device=device)
+    for d in range(1, n):
+        ax = axes[d]
+        spans = ax.k_order[ax.k_start[:, None] + torch.arange(ax.span, device=device)] * k_strides[d]
+        rest = (rest[:, None, :, None] + spans[None, :, None, :]).reshape(rest.shape[0] * spans.shape[0], -1)
+    width = rest.shape[1]
+    lk0 = axes[0].k_order.shape[0]
+    source = ((axes[0].k_order * k_strides[0])[None, :, None] + rest[:, None, :]).reshape(-1)
+    identity = n == 1 and bool((axes[0].k_order == torch.arange(lk0, device=device)).all())
+    starts = block * (lk0 * width) + axes[0].k_start[digits[0]] * width
+    k = starts[:, None] + torch.arange(axes[0].span * width, device=device)
     # tiles sharing a mask become neighbours, so they run as one chunk with one bias
-    order = torch.sort(mask_id, stable=True).indices
-    q, k, mask_id = q[order], k[order], mask_id[order]
-    return TileLayout(q, k, mask_id, masks, plan_runs(q, k, mask_id))
+    perm = torch.sort(mask_id, stable=True).indices
+    q, k, mask_id = q[perm], k[perm], mask_id[perm]
+    return TileLayout(q, k, mask_id, masks, plan_runs(q, k, mask_id), None if identity else source)

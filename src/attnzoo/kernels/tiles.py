@@ -53,11 +53,13 @@ class Run:
 
 @dataclass(frozen=True)
 class TileLayout:
-    """Which keys each query tile attends (flat positions; ``-1`` pads a slot).
+    """Which keys each query tile attends (``-1`` pads a slot).
 
-    ``q_index [T, Tq]``, ``k_index [T, S]``, ``mask_id [T]`` into ``masks`` (bool
-    ``[M, Tq, S]``, False on padded slots), and the ``runs`` that cover ``[0, T)`` in order.
-    Every query position appears in at most one tile; queries in no tile get a zero output.
+    ``q_index [T, Tq]`` holds flat query positions. ``k_index [T, S]`` holds positions in the
+    *key source*: the keys gathered once along ``key_source [P]`` (flat key positions), or the
+    keys themselves when ``key_source`` is None. ``mask_id [T]`` indexes ``masks`` (bool
+    ``[M, Tq, S]``, False on padded slots); the ``runs`` cover ``[0, T)`` in order. Every query
+    position appears in at most one tile; queries in no tile get a zero output.
     """
 
     q_index: Tensor
@@ -65,6 +67,7 @@ class TileLayout:
     mask_id: Tensor
     masks: Tensor
     runs: tuple[Run, ...]
+    key_source: Tensor | None = None
 
     @property
     def q_tile(self) -> int:
@@ -113,23 +116,18 @@ def plan_runs(q_index: Tensor, k_index: Tensor, mask_id: Tensor) -> tuple[Run, .
     runs: list[Run] = []
     t = 0
     while t < T:
+        q_view, k_view = q_contig[t], k_contig[t]
+        step = k0[t + 1] - k0[t] if t + 1 < T else 0
         end = t + 1
-        if q_contig[t] and k_contig[t]:
-            step = k0[t + 1] - k0[t] if t + 1 < T else 0
-            while (
-                end < T
-                and ids[end] == ids[t]
-                and q_contig[end]
-                and k_contig[end]
-                and q0[end] == q0[t] + (end - t) * Tq
-                and k0[end] == k0[t] + (end - t) * step
-            ):
-                end += 1
-            runs.append(Run(t, end, ids[t], q0[t], k0[t], step))
-        else:
-            while end < T and ids[end] == ids[t] and not (q_contig[end] and k_contig[end]):
-                end += 1
-            runs.append(Run(t, end, ids[t]))
+        while end < T and ids[end] == ids[t]:
+            if k_view and not (k_contig[end] and k0[end] == k0[t] + (end - t) * step):
+                break
+            if q_view and not (q_contig[end] and q0[end] == q0[t] + (end - t) * Tq):
+                break
+            end += 1
+        runs.append(
+            Run(t, end, ids[t], q0[t] if q_view else None, k0[t] if k_view else None, step if end - t > 1 else 0)
+        )
         t = end
     return tuple(runs)
 
@@ -223,15 +221,19 @@ def _bias_table(masks: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(masks.shape, dtype=dtype, device=masks.device).masked_fill_(~masks, float("-inf"))
 
 
-def _groups(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None):
-    """``(slice of batch, q [BH, Nq, D], k, v, key_ok)``: the batch merged into the heads, or
-    one batch element at a time when a padding mask differs between them."""
-    B = q.shape[0]
+def _groups(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, source: Tensor | None):
+    """``(slice of batch, q [BH, Nq, D], k [BH, P, D], v, key_ok [P])``: the batch merged into the
+    heads (or one batch element at a time when padding differs between them), keys and values
+    gathered along the layout's key source."""
     if kv_mask is None:
-        yield slice(None), q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), None
-        return
-    for b in range(B):
-        yield slice(b, b + 1), q[b], k[b], v[b], kv_mask[b]
+        parts = [(slice(None), q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), None)]
+    else:
+        parts = [(slice(b, b + 1), q[b], k[b], v[b], kv_mask[b]) for b in range(q.shape[0])]
+    for sl, qf, kf, vf, key_ok in parts:
+        if source is not None:
+            kf, vf = kf.index_select(1, source), vf.index_select(1, source)
+            key_ok = None if key_ok is None else key_ok[source]
+        yield sl, qf, kf, vf, key_ok
 
 
 def _math_attend(qg: Tensor, kg: Tensor, vg: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -261,7 +263,7 @@ def _forward(q, k, v, kv_mask, layout: TileLayout, scale: float):
     raw = torch.empty_like(lse)  # the kernel's own log-sum-exp, what its backward expects
     row_empty = ~layout.masks.any(-1)  # [M, Tq]
     mask_has_empty = row_empty.any(-1).tolist()
-    for sl, qf, kf, vf, key_ok in _groups(q, k, v, kv_mask):
+    for sl, qf, kf, vf, key_ok in _groups(q, k, v, kv_mask, layout.key_source):
         io = _Chunks(layout, qf.shape[0], kf.shape[0])
         of, lf, rf = out[sl].flatten(0, 1), lse[sl].flatten(0, 1), raw[sl].flatten(0, 1)
         for run, a, b in io.chunks():
@@ -291,17 +293,22 @@ def _backward(q, k, v, kv_mask, layout, scale, out, raw, grad_out, grad_lse):
     flash = _use_flash(q, v)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     table = _bias_table(layout.masks, q.dtype if flash else work)
-    dq = torch.zeros_like(q)
+    covered = int((layout.q_index >= 0).sum()) == Nq
+    dq = torch.empty_like(q) if covered else torch.zeros_like(q)
     dk = torch.zeros(k.shape, dtype=work, device=k.device)
     dv = torch.zeros(v.shape, dtype=work, device=v.device)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = grad_out.contiguous()
-    for sl, qf, kf, vf, key_ok in _groups(q, k, v, kv_mask):
+    for sl, qf, kf, vf, key_ok in _groups(q, k, v, kv_mask, layout.key_source):
         io = _Chunks(layout, qf.shape[0], kf.shape[0])
         of, rf, gof = out[sl].flatten(0, 1), raw[sl].flatten(0, 1), grad_out[sl].flatten(0, 1)
         glf = grad_lse[sl].flatten(0, 1) if grad_lse is not None else None
         dqf, dkf, dvf = dq[sl].flatten(0, 1), dk[sl].flatten(0, 1), dv[sl].flatten(0, 1)
+        if layout.key_source is not None:  # accumulate in source order, scatter back once
+            dk_out, dv_out = dkf, dvf
+            dkf = torch.zeros(kf.shape, dtype=work, device=kf.device)
+            dvf = torch.zeros(vf.shape, dtype=work, device=vf.device)
         for run, a, b in io.chunks():
             qg, kg, vg = io.read_q(qf, run, a, b), io.read_k(kf, run, a, b), io.read_k(vf, run, a, b, "v")
             og, gog = io.read_q(of, run, a, b, "o"), io.read_q(gof, run, a, b, "go")
@@ -319,6 +326,9 @@ def _backward(q, k, v, kv_mask, layout, scale, out, raw, grad_out, grad_lse):
             rows = io.k_rows(run, a, b)
             dkf.index_add_(1, rows, dkg.transpose(0, 1).reshape(dkf.shape[0], -1, D).to(work))
             dvf.index_add_(1, rows, dvg.transpose(0, 1).reshape(dvf.shape[0], -1, dvf.shape[-1]).to(work))
+        if layout.key_source is not None:
+            dk_out.index_add_(1, layout.key_source, dkf)
+            dv_out.index_add_(1, layout.key_source, dvf)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -366,6 +376,7 @@ class _TileAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, raw)
         ctx.kv_mask, ctx.layout, ctx.scale = kv_mask, layout, scale
         ctx.mark_non_differentiable(raw)
+        ctx.set_materialize_grads(False)  # an unused log-sum-exp costs nothing in the backward
         return out, lse
 
     @staticmethod

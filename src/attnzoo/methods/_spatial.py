@@ -21,8 +21,12 @@ from ..kernels.reference import softmax_reference
 from ..kernels.tiles import TileLayout, cached_layout, tile_attention
 from ..registry import AttentionOutput
 
-# Query tile edge per number of spatial dims: about 64 queries per tile.
-TILE_EDGE = {1: 64, 2: 8, 3: 4}
+# Query tile shape per number of spatial dims (measured with benchmarks/local_attention.py).
+TILE_SHAPES = {1: (64,), 2: (4, 8), 3: (2, 4, 8)}
+
+
+def tile_edge(call: AttentionCall, axis: int) -> int:
+    return TILE_SHAPES[len(call.spatial_shape)][axis]
 
 AxisFn = Callable[[int, int, AttentionCall, Any], tuple[Axis, int]]
 VisibleFn = Callable[[Tensor, Tensor, int, int, AttentionCall, Any], Tensor]
@@ -38,7 +42,8 @@ def per_axis(value: int | tuple[int, ...], ndim: int, name: str) -> tuple[int, .
 
 
 def spatial_layout(call: AttentionCall, params: Any, intervals: AxisFn) -> TileLayout:
-    key = (intervals, params, call.spatial_shape, call.is_causal, str(call.device))
+    tiles = TILE_SHAPES[len(call.spatial_shape)]
+    key = (intervals, params, call.spatial_shape, call.is_causal, str(call.device), tiles)
     return cached_layout(key, lambda: _build_layout(call, params, intervals))
 
 

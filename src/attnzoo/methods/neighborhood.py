@@ -25,7 +25,7 @@ from ..inputs import AttentionCall
 from ..kernels.intervals import Axis, dilated_axis
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
-from ._spatial import TILE_EDGE, per_axis, reference_spatial, require, run_spatial
+from ._spatial import per_axis, tile_edge, reference_spatial, require, run_spatial
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _window(g: Tensor, n: int, k: int, s: int, causal: bool) -> tuple[Tensor, Te
 def _intervals(size: int, axis: int, call: AttentionCall, p: NeighborhoodParams) -> tuple[Axis, int]:
     k, d, s, causal = _axis_params(call, p, axis)
     built = dilated_axis(size, size, d, 0, lambda g, n: _window(g, n, k, s, causal), call.device)
-    return built, TILE_EDGE[len(call.spatial_shape)]
+    return built, tile_edge(call, axis)
 
 
 def _visible(x: Tensor, y: Tensor, size: int, axis: int, call: AttentionCall, p: NeighborhoodParams) -> Tensor:
