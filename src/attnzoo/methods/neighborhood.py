@@ -107,6 +107,7 @@ def _visible(x: Tensor, y: Tensor, size: int, axis: int, call: AttentionCall, p:
 
 
 def reference(call: AttentionCall, p: NeighborhoodParams) -> AttentionOutput:
+    """Dense softmax under the [N, N] mask built pairwise from NATTEN's definition, per axis."""
     return reference_spatial(call, p, _visible)
 
 

@@ -76,6 +76,7 @@ def _sink_visibility(call: AttentionCall, p: SlidingWindowParams, window: Tensor
 
 
 def reference(call: AttentionCall, p: SlidingWindowParams) -> AttentionOutput:
+    """Dense softmax under the [Nq, Nk] band (plus sink columns and padding)."""
     visible = window_visibility(call, p)
     if p.sinks:
         s = min(p.sinks, call.kv_len)

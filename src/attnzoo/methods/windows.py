@@ -76,6 +76,11 @@ def _blocked_visible(x: Tensor, y: Tensor, size: int, axis: int, call: Attention
     return visible & (y <= x) if call.is_causal else visible
 
 
+def blocked_reference(call: AttentionCall, p: BlockedLocalParams) -> AttentionOutput:
+    """Dense softmax under the [N, N] mask: same block along every axis, widened by the halo."""
+    return reference_spatial(call, p, _blocked_visible)
+
+
 BLOCKED_LOCAL = register(
     Method(
         name="blocked_local",
@@ -91,7 +96,7 @@ BLOCKED_LOCAL = register(
         ),
         capabilities=Capabilities(causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2)),
         params=BlockedLocalParams,
-        reference=lambda call, p: reference_spatial(call, p, _blocked_visible),
+        reference=blocked_reference,
         backends=(Backend("tiles", lambda call, p: run_spatial(call, p, _blocked_intervals), description="one tile per block"),),
         test_params=({"block_size": 4, "halo": 1}, {"block_size": 3, "halo": 0}),
         degenerate_params=lambda call: {"block_size": tuple(call.spatial_shape), "halo": 0},
@@ -158,6 +163,11 @@ def _window_visible(x: Tensor, y: Tensor, size: int, axis: int, call: AttentionC
     return same_window & (label(ux) == label(uy))
 
 
+def window_reference(call: AttentionCall, p: WindowParams) -> AttentionOutput:
+    """Dense softmax under the [N, N] mask: same rolled window and same Swin region on every axis."""
+    return reference_spatial(call, p, _window_visible)
+
+
 WINDOW = register(
     Method(
         name="window",
@@ -174,7 +184,7 @@ WINDOW = register(
         ),
         capabilities=Capabilities(causal=False, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2)),
         params=WindowParams,
-        reference=lambda call, p: reference_spatial(call, p, _window_visible),
+        reference=window_reference,
         backends=(Backend("tiles", lambda call, p: run_spatial(call, p, _window_intervals), description="one tile per window"),),
         test_params=({"window_size": 4, "shift": 2}, {"window_size": 3}),
         degenerate_params=lambda call: {"window_size": tuple(call.spatial_shape), "shift": 0},
