@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	# optional peer for the NATTEN comparison tests; its source build needs torch in place (no GPU)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt natten \
+		|| echo "natten (optional peer) did not install: the NATTEN comparison tests will be skipped"
 	touch $(STAMP)
 
 test: $(STAMP)

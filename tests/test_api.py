@@ -196,6 +196,11 @@ def test_methods_listing():
     assert names[0] == "dense" and {"sliding_window", "neighborhood", "blocked_local", "window"} <= set(names)
     assert listed[0].family == "exact" and listed[0].capabilities.lse
     assert [m.family for m in listed] == sorted((m.family for m in listed), key=attnzoo.registry.FAMILIES.index)
-    assert {m.name for m in attnzoo.methods(family="local")} == {"sliding_window", "neighborhood", "blocked_local", "window"}
+    assert {m.name for m in attnzoo.methods(family="local")} == {
+        "sliding_window",
+        "neighborhood",
+        "blocked_local",
+        "window",
+    }
     with pytest.raises(ValueError, match="family"):
         attnzoo.methods(family="nope")

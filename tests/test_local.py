@@ -9,8 +9,8 @@ import torch
 import attnzoo
 import attnzoo.api
 from attnzoo import conventions
-from attnzoo.methods._spatial import spatial_layout
 from attnzoo.api import prepare
+from attnzoo.methods._spatial import spatial_layout
 from attnzoo.methods.neighborhood import _intervals as neighborhood_intervals
 from attnzoo.methods.sliding_window import layout as sliding_layout
 from attnzoo.methods.sliding_window import window_visibility
@@ -156,7 +156,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("method,shape,kwargs,argument", BAD, ids=[f"{m}-{a}-{i}" for i, (m, _, _, a) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "method,shape,kwargs,argument", BAD, ids=[f"{m}-{a}-{i}" for i, (m, _, _, a) in enumerate(BAD)]
+)
 def test_bad_parameters_are_refused_before_computation(method, shape, kwargs, argument, monkeypatch):
     ran = []
     monkeypatch.setattr(attnzoo.api, "_execute", lambda *a: ran.append(a))
@@ -187,7 +189,9 @@ def test_neighborhood_interior_tiles_share_a_mask():
     assert layout.masks.shape[0] == 15 and layout.span == 16 * 20 and layout.key_source.numel() < 3 * 64 * 64
 
 
-@pytest.mark.parametrize("method,kwargs", [("sliding_window", {"window": (7, 0)}), ("neighborhood", {"kernel_size": 3})])
+@pytest.mark.parametrize(
+    "method,kwargs", [("sliding_window", {"window": (7, 0)}), ("neighborhood", {"kernel_size": 3})]
+)
 def test_trains_in_low_precision(method, kwargs):
     shape = (40,) if method == "sliding_window" else (6, 7)
     q, k, v = (torch.randn(2, 4, *shape, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -224,3 +228,19 @@ def test_neighborhood_equals_natten(shape, kwargs):
 
 def test_every_local_method_is_registered_as_local():
     assert {m.name for m in attnzoo.methods("local")} == set(LOCAL)
+
+
+@pytest.mark.parametrize(
+    "method,shape,kwargs",
+    [
+        ("neighborhood", (6, 7), {"kernel_size": (3, 4), "stride": (1, 2)}),
+        ("neighborhood", (4, 6, 5), {"kernel_size": 3, "dilation": (1, 2, 1)}),
+        ("blocked_local", (7, 8), {"block_size": 3, "halo": 2}),
+    ],
+)
+def test_spatial_causality_never_looks_ahead_on_any_axis(method, shape, kwargs):
+    seen = visibility(method, shape, is_causal=True, **kwargs)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, len(shape))
+    ahead = (coords[None, :, :] > coords[:, None, :]).any(-1)  # key ahead of the query along some axis
+    assert not (seen & ahead).any()
+    assert seen.diagonal().all()  # every query sees itself

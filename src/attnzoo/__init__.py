@@ -1,7 +1,7 @@
 """attnzoo: efficient attention for PyTorch, one API over the efficient-attention literature."""
 
-from . import methods as _methods  # noqa: F401  (registers every method)
 from . import conventions, nn
+from . import methods as _methods  # noqa: F401  (registers every method)
 from ._version import __version__
 from .api import Explanation, attention, explain
 from .decode import DecodeState, init_state, step

@@ -12,6 +12,7 @@ one mask per *distinct* tile (interior tiles share one), never an N x N mask.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def axis_tiles(axis: Axis, tile: int) -> AxisTiles:
     device = axis.lo.device
     Lq, Lk = axis.q_order.shape[0], axis.k_order.shape[0]
     bounds = [*axis.groups, Lq]
-    starts = [s for g0, g1 in zip(bounds[:-1], bounds[1:]) for s in range(g0, g1, tile)]
+    starts = [s for g0, g1 in itertools.pairwise(bounds) for s in range(g0, g1, tile)]
     ends = [min(s + tile, next(b for b in bounds if b > s)) for s in starts]
     start_t = torch.tensor(starts, dtype=torch.long, device=device)
     end_t = torch.tensor(ends, dtype=torch.long, device=device)

@@ -180,7 +180,9 @@ class _Chunks:
         if run.k_start is not None:
             start = run.k_start + (a - run.t0) * run.k_step
             s0, s1, s2 = x.stride()
-            return x.as_strided((n, x.shape[0], S, x.shape[2]), (run.k_step * s1, s0, s1, s2), x.storage_offset() + start * s1)
+            return x.as_strided(
+                (n, x.shape[0], S, x.shape[2]), (run.k_step * s1, s0, s1, s2), x.storage_offset() + start * s1
+            )
         idx = self.layout.k_index[a:b].reshape(-1).clamp(min=0)
         return self._gather(name, x, idx).unflatten(1, (n, S)).transpose(0, 1)
 
@@ -250,7 +252,7 @@ def _math_attend(qg: Tensor, kg: Tensor, vg: Tensor, bias: Tensor, scale: float)
 
 def _forward(q, k, v, kv_mask, layout: TileLayout, scale: float):
     B, Hq, Nq, _ = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
+    Dv = v.shape[-1]
     flash = _use_flash(q, v)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     table = _bias_table(layout.masks, q.dtype if flash else work)
@@ -289,7 +291,7 @@ def _forward(q, k, v, kv_mask, layout: TileLayout, scale: float):
 
 
 def _backward(q, k, v, kv_mask, layout, scale, out, raw, grad_out, grad_lse):
-    B, Hq, Nq, D = q.shape
+    Nq, D = q.shape[2], q.shape[3]
     flash = _use_flash(q, v)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     table = _bias_table(layout.masks, q.dtype if flash else work)

@@ -28,6 +28,7 @@ TILE_SHAPES = {1: (64,), 2: (4, 8), 3: (2, 4, 8)}
 def tile_edge(call: AttentionCall, axis: int) -> int:
     return TILE_SHAPES[len(call.spatial_shape)][axis]
 
+
 AxisFn = Callable[[int, int, AttentionCall, Any], tuple[Axis, int]]
 VisibleFn = Callable[[Tensor, Tensor, int, int, AttentionCall, Any], Tensor]
 

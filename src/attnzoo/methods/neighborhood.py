@@ -25,7 +25,7 @@ from ..inputs import AttentionCall
 from ..kernels.intervals import Axis, dilated_axis
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
-from ._spatial import per_axis, tile_edge, reference_spatial, require, run_spatial
+from ._spatial import per_axis, reference_spatial, require, run_spatial, tile_edge
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,9 @@ def check(call: AttentionCall, p: NeighborhoodParams) -> None:
         )
     for axis, (size, k, d, s) in enumerate(zip(call.spatial_shape, kernel, dilation, stride)):
         require(k <= size, f"kernel_size {k} is larger than the extent {size} of spatial dim {axis}")
-        require(k * d <= size, f"dilation: kernel_size {k} x dilation {d} exceeds the extent {size} of spatial dim {axis}")
+        require(
+            k * d <= size, f"dilation: kernel_size {k} x dilation {d} exceeds the extent {size} of spatial dim {axis}"
+        )
         require(s <= k, f"stride {s} is larger than kernel_size {k} along spatial dim {axis}")
 
 
@@ -127,7 +129,9 @@ NEIGHBORHOOD = register(
             "flash kernel."
         ),
         paper=Paper("Neighborhood Attention Transformer (Hassani et al., 2023)", "https://arxiv.org/abs/2204.07143"),
-        capabilities=Capabilities(causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2, 3)),
+        capabilities=Capabilities(
+            causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2, 3)
+        ),
         params=NeighborhoodParams,
         reference=reference,
         backends=(Backend("tiles", _run_tiles, description="query tiles over their neighbourhood box"),),

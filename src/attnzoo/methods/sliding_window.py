@@ -142,7 +142,9 @@ SLIDING_WINDOW = register(
             "window_size=(left, right), with optional dilation and attention sinks. Tiles of 64 queries "
             "run through the fused CPU flash kernel over strided views of their key span: cost O(N * window)."
         ),
-        paper=Paper("Longformer: The Long-Document Transformer (Beltagy et al., 2020)", "https://arxiv.org/abs/2004.05150"),
+        paper=Paper(
+            "Longformer: The Long-Document Transformer (Beltagy et al., 2020)", "https://arxiv.org/abs/2004.05150"
+        ),
         capabilities=Capabilities(causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True),
         params=SlidingWindowParams,
         reference=reference,

@@ -97,7 +97,11 @@ BLOCKED_LOCAL = register(
         capabilities=Capabilities(causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2)),
         params=BlockedLocalParams,
         reference=blocked_reference,
-        backends=(Backend("tiles", lambda call, p: run_spatial(call, p, _blocked_intervals), description="one tile per block"),),
+        backends=(
+            Backend(
+                "tiles", lambda call, p: run_spatial(call, p, _blocked_intervals), description="one tile per block"
+            ),
+        ),
         test_params=({"block_size": 4, "halo": 1}, {"block_size": 3, "halo": 0}),
         degenerate_params=lambda call: {"block_size": tuple(call.spatial_shape), "halo": 0},
         check=_check_blocked,
@@ -185,7 +189,11 @@ WINDOW = register(
         capabilities=Capabilities(causal=False, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2)),
         params=WindowParams,
         reference=window_reference,
-        backends=(Backend("tiles", lambda call, p: run_spatial(call, p, _window_intervals), description="one tile per window"),),
+        backends=(
+            Backend(
+                "tiles", lambda call, p: run_spatial(call, p, _window_intervals), description="one tile per window"
+            ),
+        ),
         test_params=({"window_size": 4, "shift": 2}, {"window_size": 3}),
         degenerate_params=lambda call: {"window_size": tuple(call.spatial_shape), "shift": 0},
         notes="DaViT's spatial windows are this pattern without the shift.",
