@@ -28,7 +28,10 @@ from torch.autograd.function import once_differentiable
 
 from .reference import lse_dtype
 
-WORKSPACE_BYTES = 8 * 2**20  # scores of one chunk of tiles, all heads
+# Tiles per chunk: as many as make this many bytes of scores over all heads. The flash kernel never
+# materialises them; the bound keeps each chunk's gathered inputs and outputs small (measured: 4 to
+# 128 MiB give the same speed, benchmarks/local_attention.py shapes).
+CHUNK_BYTES = 8 * 2**20
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -132,6 +135,27 @@ def plan_runs(q_index: Tensor, k_index: Tensor, mask_id: Tensor) -> tuple[Run, .
     return tuple(runs)
 
 
+def _flat_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """Row indices of ``x [BH, N, E]`` viewed as ``[BH * N, E]`` for positions ``idx`` of every head
+    (index_select along dim 0 of a 2-D view is several times faster than along dim 1)."""
+    heads = torch.arange(x.shape[0], device=idx.device)[:, None] * x.shape[1]
+    return (heads + idx[None, :]).reshape(-1)
+
+
+def take(x: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x [BH, N, E]`` at positions ``idx [P]`` of every head: ``[BH, P, E]``."""
+    rows = x.reshape(-1, x.shape[2])
+    if out is None:
+        return rows.index_select(0, _flat_rows(x, idx)).view(x.shape[0], idx.numel(), x.shape[2])
+    return torch.index_select(rows, 0, _flat_rows(x, idx), out=out.view(-1, x.shape[2])).view(out.shape)
+
+
+def _add_rows(dest: Tensor, idx: Tensor, rows: Tensor) -> None:
+    """``dest [BH, N, E]`` at positions ``idx [P]`` of every head += ``rows [BH, P, E]`` (repeats add up)."""
+    flat = dest.view(-1, dest.shape[2])
+    flat.index_add_(0, _flat_rows(dest, idx), rows.reshape(-1, dest.shape[2]))
+
+
 def _use_flash(q: Tensor, v: Tensor) -> bool:
     return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
 
@@ -139,10 +163,10 @@ def _use_flash(q: Tensor, v: Tensor) -> bool:
 class _Chunks:
     """Reads and writes the tiles of one chunk for a ``[BH, N, D]`` view of the inputs."""
 
-    def __init__(self, layout: TileLayout, heads: int, kv_heads: int) -> None:
+    def __init__(self, layout: TileLayout, heads: int, budget: int) -> None:
         self.layout = layout
         per_tile = heads * layout.q_tile * layout.span * 4
-        self.size = max(1, WORKSPACE_BYTES // per_tile)
+        self.size = max(1, budget // per_tile)
         self._buffers: dict[str, Tensor] = {}
 
     def _gather(self, name: str, x: Tensor, idx: Tensor) -> Tensor:
@@ -152,7 +176,7 @@ class _Chunks:
         if buf is None or buf.numel() < shape[0] * shape[1] * shape[2] or buf.dtype != x.dtype:
             buf = x.new_empty(shape[0] * self.size * max(self.layout.q_tile, self.layout.span) * shape[2])
             self._buffers[name] = buf
-        return torch.index_select(x, 1, idx, out=buf[: shape[0] * shape[1] * shape[2]].view(shape))
+        return take(x, idx, out=buf[: shape[0] * shape[1] * shape[2]].view(shape))
 
     def chunks(self):
         for run in self.layout.runs:
@@ -205,7 +229,8 @@ class _Chunks:
         keep = idx >= 0
         if not bool(keep.all()):
             idx, rows = idx[keep], rows[:, keep]
-        dest.index_copy_(1, idx, rows.to(dest.dtype))
+        flat = dest.view(-1, *dest.shape[2:])
+        flat.index_copy_(0, _flat_rows(dest, idx), rows.to(dest.dtype).reshape(-1, *dest.shape[2:]))
 
     def bias(self, run: Run, a: int, b: int, key_ok: Tensor | None, dtype: torch.dtype, table: Tensor) -> Tensor:
         """Additive mask ``[n or 1, 1, Tq, S]`` (0 visible, -inf hidden)."""
@@ -233,7 +258,7 @@ def _groups(q: Tensor, k: Tensor, v: Tensor, kv_mask: Tensor | None, source: Ten
         parts = [(slice(b, b + 1), q[b], k[b], v[b], kv_mask[b]) for b in range(q.shape[0])]
     for sl, qf, kf, vf, key_ok in parts:
         if source is not None:
-            kf, vf = kf.index_select(1, source), vf.index_select(1, source)
+            kf, vf = take(kf, source), take(vf, source)
             key_ok = None if key_ok is None else key_ok[source]
         yield sl, qf, kf, vf, key_ok
 
@@ -266,7 +291,7 @@ def _forward(q, k, v, kv_mask, layout: TileLayout, scale: float):
     row_empty = ~layout.masks.any(-1)  # [M, Tq]
     mask_has_empty = row_empty.any(-1).tolist()
     for sl, qf, kf, vf, key_ok in _groups(q, k, v, kv_mask, layout.key_source):
-        io = _Chunks(layout, qf.shape[0], kf.shape[0])
+        io = _Chunks(layout, qf.shape[0], CHUNK_BYTES)
         of, lf, rf = out[sl].flatten(0, 1), lse[sl].flatten(0, 1), raw[sl].flatten(0, 1)
         for run, a, b in io.chunks():
             qg, kg, vg = io.read_q(qf, run, a, b), io.read_k(kf, run, a, b), io.read_k(vf, run, a, b, "v")
@@ -291,7 +316,7 @@ def _forward(q, k, v, kv_mask, layout: TileLayout, scale: float):
 
 
 def _backward(q, k, v, kv_mask, layout, scale, out, raw, grad_out, grad_lse):
-    Nq, D = q.shape[2], q.shape[3]
+    Nq = q.shape[2]
     flash = _use_flash(q, v)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     table = _bias_table(layout.masks, q.dtype if flash else work)
@@ -303,7 +328,7 @@ def _backward(q, k, v, kv_mask, layout, scale, out, raw, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     grad_out = grad_out.contiguous()
     for sl, qf, kf, vf, key_ok in _groups(q, k, v, kv_mask, layout.key_source):
-        io = _Chunks(layout, qf.shape[0], kf.shape[0])
+        io = _Chunks(layout, qf.shape[0], CHUNK_BYTES)
         of, rf, gof = out[sl].flatten(0, 1), raw[sl].flatten(0, 1), grad_out[sl].flatten(0, 1)
         glf = grad_lse[sl].flatten(0, 1) if grad_lse is not None else None
         dqf, dkf, dvf = dq[sl].flatten(0, 1), dk[sl].flatten(0, 1), dv[sl].flatten(0, 1)
@@ -326,11 +351,11 @@ def _backward(q, k, v, kv_mask, layout, scale, out, raw, grad_out, grad_lse):
                 dqg, dkg, dvg = _math_chunk_backward(qg, kg, vg, og, gog, gl, bias, scale)
             io.write_q(dqf, dqg, run, a, b)
             rows = io.k_rows(run, a, b)
-            dkf.index_add_(1, rows, dkg.transpose(0, 1).reshape(dkf.shape[0], -1, D).to(work))
-            dvf.index_add_(1, rows, dvg.transpose(0, 1).reshape(dvf.shape[0], -1, dvf.shape[-1]).to(work))
+            _add_rows(dkf, rows, dkg.transpose(0, 1).to(work))
+            _add_rows(dvf, rows, dvg.transpose(0, 1).to(work))
         if layout.key_source is not None:
-            dk_out.index_add_(1, layout.key_source, dkf)
-            dv_out.index_add_(1, layout.key_source, dvf)
+            _add_rows(dk_out, layout.key_source, dkf)
+            _add_rows(dv_out, layout.key_source, dvf)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
