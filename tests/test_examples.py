@@ -21,3 +21,13 @@ def test_adding_a_method_example_passes_the_generated_suite(capsys):
         sys.path.remove(str(EXAMPLES))
     assert custom_method.main() == 0
     assert " 0 failed" in capsys.readouterr().out
+
+
+def test_local_attention_example_trains():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import local_attention
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    for first, last in local_attention.main().values():
+        assert last < 0.9 * first
