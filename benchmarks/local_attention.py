@@ -34,7 +34,6 @@ Run (from the repository root; about 10 minutes with the FlexAttention compile):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import subprocess
@@ -68,7 +67,6 @@ TOL = 1e-4
 ROWS = ("swa-4096", "swa-16384", "swa-fwdbwd", "na2d", "na3d", "memory")
 NEEDS = {"na2d": "neighborhood", "na3d": "neighborhood"}  # every other row needs sliding_window
 MEM_TARGET_PCT, MEM_TARGET_N = 2.0, 65536
-DRY_RUN = False  # hidden --dry-run: dense attnzoo calls with the equivalent mask stand in for the methods
 
 
 def randn(shape: tuple[int, ...], grad: bool = False, seed: int = 0) -> list[torch.Tensor]:
@@ -108,23 +106,11 @@ def na_rows(spatial: tuple[int, ...], kernel: tuple[int, ...]):
 # ---- the attnzoo calls under test ------------------------------------------------------------
 
 
-@functools.cache
-def _full_mask(key: tuple) -> torch.Tensor:  # dry-run only
-    n = key[1] if key[0] == "band" else int(torch.tensor(key[1]).prod())
-    return (band_rows(n) if key[0] == "band" else na_rows(key[1], key[2]))(0, n)
-
-
 def sliding_window(q, k, v):
-    if DRY_RUN:
-        return az.attention(q, k, v, is_causal=True, method="dense", attn_mask=_full_mask(("band", q.shape[2])))
     return az.attention(q, k, v, is_causal=True, method="sliding_window", window=WINDOW)
 
 
 def neighborhood(kernel: tuple[int, ...]):
-    if DRY_RUN:
-        return lambda q, k, v: az.attention(
-            flat(q), flat(k), flat(v), method="dense", attn_mask=_full_mask(("na", q.shape[2:-1], kernel))
-        ).view(q.shape)
     return lambda q, k, v: az.attention(q, k, v, method="neighborhood", kernel_size=kernel)
 
 
@@ -323,7 +309,7 @@ def mem_measure(variant: str, n: int, reps: int, args) -> dict:
     runs = []
     for _ in range(reps):
         cmd = [sys.executable, __file__, "--mem-child", variant, "--n", str(n), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd + ["--dry-run"] * DRY_RUN, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             return {"error": f"subprocess failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"}
@@ -383,7 +369,6 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    global DRY_RUN
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per row (default 10; --quick: 3)")
@@ -394,11 +379,9 @@ def main() -> None:
     parser.add_argument("--mem-reps", type=int, default=3, help="subprocesses per sliding_window memory cell")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, 1 memory subprocess")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)  # plumbing test with dense stand-ins
     parser.add_argument("--mem-child", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    DRY_RUN = args.dry_run
     pin_threads(args.threads)
     if args.mem_child:
         print("RESULT " + json.dumps(mem_child(args.mem_child, args.n)), flush=True)
@@ -411,14 +394,13 @@ def main() -> None:
 
     print(f"# Local attention (B={B}, H={H}, D={D}, float32, CPU)\n\n{header()}\n")
     settings = f"{args.rounds} interleaved rounds, {args.warmup} warm-up calls per variant, forward under no_grad"
-    dry = " | DRY RUN: dense attnzoo calls with the equivalent mask, NOT the real methods" if DRY_RUN else ""
-    print(f"Settings: {settings}; ratio = attnzoo median / baseline median{dry}\n", flush=True)
+    print(f"Settings: {settings}; ratio = attnzoo median / baseline median\n", flush=True)
     registered = {m.name for m in az.methods()}
     results, memory, notes_all = [], [], {}
     for row in rows:
         method = NEEDS.get(row, "sliding_window")
         notes: list[str] = notes_all.setdefault(row, [])
-        if method not in registered and not DRY_RUN:
+        if method not in registered:
             notes.append(f"SKIPPED: method {method!r} is not registered in attnzoo (registered: {sorted(registered)})")
         else:
             print(f"running {row} ...", file=sys.stderr, flush=True)
@@ -446,7 +428,7 @@ def main() -> None:
     if results:
         print_table(results)
     if args.json:
-        out = dict(header=header(), dry_run=DRY_RUN, speed=results, memory=memory, notes=notes_all)
+        out = dict(header=header(), speed=results, memory=memory, notes=notes_all)
         args.json.write_text(json.dumps(out, indent=1))
         print(f"\nwrote {args.json}")
 
