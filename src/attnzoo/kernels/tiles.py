@@ -170,7 +170,7 @@ class _Chunks:
         self._buffers: dict[str, Tensor] = {}
 
     def _gather(self, name: str, x: Tensor, idx: Tensor) -> Tensor:
-        """``x.index_select(1, idx)`` into a buffer reused across chunks (no page faults per chunk)."""
+        """``take(x, idx)`` into a buffer reused across the chunks of a call (one allocation)."""
         shape = (x.shape[0], idx.shape[0], x.shape[2])
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < shape[0] * shape[1] * shape[2] or buf.dtype != x.dtype:
@@ -182,12 +182,6 @@ class _Chunks:
         for run in self.layout.runs:
             for a in range(run.t0, run.t1, self.size):
                 yield run, a, min(run.t1, a + self.size)
-
-    def q_rows(self, run: Run, a: int, b: int) -> Tensor | None:
-        """Flat query positions of tiles [a, b) (None when they are one contiguous range)."""
-        if run.q_start is not None:
-            return None
-        return self.layout.q_index[a:b].reshape(-1)
 
     def read_q(self, x: Tensor, run: Run, a: int, b: int, name: str = "q") -> Tensor:
         """``x [BH, N, E]`` -> ``[n, BH, Tq, E]`` for tiles [a, b)."""
