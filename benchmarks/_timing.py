@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,3 +123,19 @@ def release_free_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def child_runs(cmd: list[str], reps: int, env: dict[str, str] | None = None) -> list[dict] | dict:
+    """Run ``cmd`` (a Python script that prints one ``RESULT {json}`` line) ``reps`` times, each in a
+    fresh process (so no allocator cache of one measurement hides another's). Returns the parsed
+    results, or ``{"error": ...}`` from the first process that failed or reported an error."""
+    runs = []
+    for _ in range(reps):
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, check=False, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            return {"error": f"subprocess failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}"}
+        runs.append(json.loads(lines[-1][len("RESULT ") :]))
+        if "error" in runs[-1]:
+            return runs[-1]
+    return runs

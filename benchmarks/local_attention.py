@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (
     MiB,
     Stats,
+    child_runs,
     fmt_time,
     header,
     interleaved,
@@ -306,16 +306,9 @@ def mem_child(variant: str, n: int) -> dict:
 
 
 def mem_measure(variant: str, n: int, reps: int, args) -> dict:
-    runs = []
-    for _ in range(reps):
-        cmd = [sys.executable, __file__, "--mem-child", variant, "--n", str(n), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            return {"error": f"subprocess failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"}
-        runs.append(json.loads(lines[-1][7:]))
-        if "error" in runs[-1]:
-            return runs[-1]
+    runs = child_runs([__file__, "--mem-child", variant, "--n", str(n), "--threads", str(args.threads)], reps)
+    if isinstance(runs, dict):
+        return runs
     extra = [r["extra_peak"] for r in runs]
     med, lo, hi = statistics.median(extra), min(extra), max(extra)
     return dict(extra_peak=med, extra_min=lo, extra_max=hi, returned=runs[0]["returned"])

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import MiB, header, pin_threads, release_free_memory, reset_peak, status_bytes
+from _timing import MiB, child_runs, header, pin_threads, release_free_memory, reset_peak, status_bytes
 
 import attnzoo
 
@@ -93,16 +92,9 @@ def child(variant: str, n: int, threads: int) -> dict:
 
 
 def measure(variant: str, n: int, threads: int, reps: int, env: dict[str, str]) -> dict:
-    runs = []
-    for _ in range(reps):
-        cmd = [sys.executable, __file__, "--variant", variant, "--n", str(n), "--threads", str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            return {"error": f"subprocess failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}"}
-        runs.append(json.loads(lines[-1][7:]))
-        if "error" in runs[-1]:
-            return runs[-1]
+    runs = child_runs([__file__, "--variant", variant, "--n", str(n), "--threads", str(threads)], reps, env)
+    if isinstance(runs, dict):
+        return runs
     extra = [r["extra_peak"] for r in runs]
     return {
         "extra_peak": statistics.median(extra),
