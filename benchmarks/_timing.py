@@ -139,3 +139,12 @@ def child_runs(cmd: list[str], reps: int, env: dict[str, str] | None = None) -> 
         if "error" in runs[-1]:
             return runs[-1]
     return runs
+
+
+def md_header(cols: list[str]) -> None:
+    """Print a Markdown table's header row and separator."""
+    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
+
+
+def md_row(cells: list[object]) -> None:
+    print("| " + " | ".join(map(str, cells)) + " |")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import Stats, fmt_time, header, interleaved, pin_threads
+from _timing import Stats, fmt_time, header, interleaved, md_header, md_row, pin_threads
 
 import attnzoo
 
@@ -103,8 +103,7 @@ def print_table(rows: list[dict]) -> None:
         "A/A noise",
         "target",
     ]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
+    md_header(cols)
     for r in rows:
         cells = [
             r["case"],
@@ -123,7 +122,7 @@ def print_table(rows: list[dict]) -> None:
             f"{r['aa_noise_pct']:+.2f}%",
             r["target"],
         ]
-        print("| " + " | ".join(cells) + " |")
+        md_row(cells)
 
 
 def main() -> None:

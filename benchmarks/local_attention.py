@@ -53,6 +53,8 @@ from _timing import (
     fmt_time,
     header,
     interleaved,
+    md_header,
+    md_row,
     pin_threads,
     release_free_memory,
     reset_peak,
@@ -349,9 +351,9 @@ def row_memory(args, notes: list[str]) -> list[dict]:
 
 
 def md_table(cols: list[str], rows: list[list]) -> None:
-    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
+    md_header(cols)
     for cells in rows:
-        print("| " + " | ".join(map(str, cells)) + " |")
+        md_row(cells)
 
 
 def print_table(results: list[dict]) -> None:

@@ -33,7 +33,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import MiB, child_runs, header, pin_threads, release_free_memory, reset_peak, status_bytes
+from _timing import (
+    MiB,
+    child_runs,
+    header,
+    md_header,
+    md_row,
+    pin_threads,
+    release_free_memory,
+    reset_peak,
+    status_bytes,
+)
 
 import attnzoo
 
@@ -120,8 +130,7 @@ def print_table(rows: list[dict]) -> None:
         "RSS kept after MiB",
         "call s",
     ]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
+    md_header(cols)
     for r in rows:
         if "error" in r:
             print(f"| {r['variant']} | {r['n']} | {r['error']} |" + " |" * (len(cols) - 3))
@@ -148,7 +157,7 @@ def print_table(rows: list[dict]) -> None:
             f"{r['retained_rss'] / MiB:.1f}",
             f"{r['seconds']:.2f}",
         ]
-        print("| " + " | ".join(cells) + " |")
+        md_row(cells)
 
 
 def main() -> None:
