@@ -13,7 +13,7 @@ from attnzoo.registry import Backend, registered
 
 def test_public_namespace():
     assert set(attnzoo.__all__) == {
-        "AttentionCall", "AttentionOutput", "Backend", "Capabilities", "DecodeState", "Explanation",
+        "AttentionCall", "AttentionOutput", "Backend", "BlockLayout", "Capabilities", "DecodeState", "Explanation",
         "Method", "NoBackendError", "Paper", "__version__", "attention", "explain", "get_method",
         "init_state", "merge_attention_states", "methods", "nn", "register", "step", "conventions",
     }  # fmt: skip

@@ -7,6 +7,7 @@ from .api import Explanation, attention, explain
 from .decode import DecodeState, init_state, step
 from .errors import NoBackendError
 from .inputs import AttentionCall
+from .kernels.blocklayout import BlockLayout
 from .kernels.lse import merge_attention_states
 from .registry import AttentionOutput, Backend, Capabilities, Method, Paper, get_method, methods, register
 
@@ -14,6 +15,7 @@ __all__ = [
     "AttentionCall",
     "AttentionOutput",
     "Backend",
+    "BlockLayout",
     "Capabilities",
     "DecodeState",
     "Explanation",

@@ -1,5 +1,5 @@
 """One module per method; importing this package registers them all."""
 
-from . import dense, neighborhood, sliding_window, windows
+from . import block_sparse, dense, neighborhood, sliding_window, windows
 
-__all__ = ["dense", "neighborhood", "sliding_window", "windows"]
+__all__ = ["block_sparse", "dense", "neighborhood", "sliding_window", "windows"]
