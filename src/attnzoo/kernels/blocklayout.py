@@ -43,7 +43,8 @@ def evaluate_mask_mod(mask_mod: MaskMod, b: Tensor, h: Tensor, q_idx: Tensor, kv
     shape = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
     result = mask_mod(b, h, q_idx, kv_idx)
     if not isinstance(result, Tensor) or result.dtype != torch.bool:
-        raise ValueError(f"mask_mod must return a bool tensor, got {type(result).__name__} {getattr(result, 'dtype', '')}")
+        got = f"{type(result).__name__} {getattr(result, 'dtype', '')}"
+        raise ValueError(f"mask_mod must return a bool tensor, got {got}")
     try:
         return result.expand(shape)
     except RuntimeError:
@@ -106,7 +107,8 @@ class BlockLayout:
         idx = kv_indices.long()
         while idx.dim() < 4:
             idx = idx[None]
-        flags = torch.full(idx.shape, bool(full), device=idx.device) if isinstance(full, bool) else full.reshape(idx.shape)
+        flags = full.reshape(idx.shape) if isinstance(full, Tensor) else torch.full(idx.shape, bool(full))
+        flags = flags.to(idx.device)
         n_kb = _blocks(kv_len, bk)
         listed = idx >= 0
         if bool((idx[listed] >= n_kb).any()):
@@ -160,16 +162,16 @@ class BlockLayout:
             q_idx = q.clamp(max=q_len - 1)[None, None, :, None]
             m = mask_mod(b, h, q_idx, kv_idx)
             if not isinstance(m, Tensor) or m.dtype != torch.bool:
-                raise ValueError(f"mask_mod must return a bool tensor, got {type(m).__name__} {getattr(m, 'dtype', '')}")
+                raise ValueError(f"mask_mod must return a bool tensor, got {type(m).__name__}")
             while m.dim() < 4:
                 m = m[None]
             if m.dim() != 4 or m.shape[0] not in (1, batch) or m.shape[1] not in (1, heads):
                 raise ValueError(f"mask_mod returned shape {list(m.shape)}; expected [B or 1, H or 1, Nq, Nk]")
             m = m.expand(m.shape[0], m.shape[1], q.numel(), kv.numel())
             inside = q_ok[:, None] & kv_ok[None, :]
-            blocks = lambda t: t.reshape(*t.shape[:2], r1 - r0, bq, n_kb, bk)  # noqa: E731
-            visited.append(blocks(m & inside).any(-1).any(-2))
-            full.append(blocks(m | ~inside).all(-1).all(-2))
+            shape = (m.shape[0], m.shape[1], r1 - r0, bq, n_kb, bk)
+            visited.append((m & inside).reshape(shape).any(-1).any(-2))
+            full.append((m | ~inside).reshape(shape).all(-1).all(-2))
         gb = max(v.shape[0] for v in visited)
         gh = max(v.shape[1] for v in visited)
         visited_t = torch.cat([v.expand(gb, gh, *v.shape[2:]) for v in visited], dim=2)
@@ -385,6 +387,5 @@ def intersect_causal(layout: BlockLayout, offset: int) -> BlockLayout:
     below = last_k <= first_q + offset  # every element of the block is visible causally
     idx = torch.where(keep, layout.kv_indices, -1)
     full = layout.full & below
-    return BlockLayout.from_block_lists(
-        idx, layout.q_len, layout.kv_len, layout.block_size, full, and_mask_mods(layout.mask_mod, causal_mask_mod(offset))
-    )
+    rule = and_mask_mods(layout.mask_mod, causal_mask_mod(offset))
+    return BlockLayout.from_block_lists(idx, layout.q_len, layout.kv_len, layout.block_size, full, rule)

@@ -69,7 +69,7 @@ def _partial_masks(layout: BlockLayout, g_of: Tensor, qb: Tensor, kb: Tensor, is
     """Bool ``[P, Bq, Bk]`` element masks of the given slots (``mask_mod`` where the layout marks
     the block partial, keys past ``kv_len`` hidden, padded query rows seeing every real key)."""
     bq, bk = layout.block_size
-    gb, gh = layout.groups
+    gh = layout.groups[1]
     dev = qb.device
     out = torch.empty(qb.numel(), bq, bk, dtype=torch.bool, device=dev)
     step = max(1, EVAL_ELEMENTS // (bq * bk))
@@ -223,9 +223,8 @@ def _bias(plan: _Plan, prob: _Problem, run: _Run, a: int, b: int, dtype: torch.d
         sel = (ti >= a) & (ti < b)
         if bool(sel.any()):
             hidden = ~plan.masks[rows[sel]]
-            bias[ti[sel] - a, :, sj[sel], :] = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(
-                hidden, float("-inf")
-            )
+            values = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+            bias[ti[sel] - a, :, sj[sel], :] = values
     bias = bias.view(n, 1, bq, c * bk)
     if prob.key_ok is not None:
         kb = run.k_rows[a:b, :c] % prob.n_kb  # the first head's blocks: the same for every head of the tile
@@ -246,7 +245,7 @@ def _gather(buf: _Buffers, prob: _Problem, run: _Run, a: int, b: int, hg: int, h
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, kv_mask):
     prob = _Problem(q, k, v, layout, kv_mask)
-    B, Hq, Hkv, Nq, Nk, D, Dv = prob.shape
+    B, Hq, Hkv, _, _, _, Dv = prob.shape
     plan = plan_for(layout, B, Hq, Hkv, kv_mask is not None, q.device)
     hg, hgk = plan.heads
     flash = _use_flash(q, v)
@@ -278,7 +277,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, kv_mask):
 
 def _backward(q, k, v, layout, scale, kv_mask, out, raw, grad_out, grad_lse):
     prob = _Problem(q, k, v, layout, kv_mask)
-    B, Hq, Hkv, Nq, Nk, D, Dv = prob.shape
+    B, Hq, Hkv, _, _, D, Dv = prob.shape
     plan = plan_for(layout, B, Hq, Hkv, kv_mask is not None, q.device)
     hg, hgk = plan.heads
     flash = _use_flash(q, v)

@@ -50,15 +50,16 @@ def _is_block_mask(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class BlockSparseParams(MethodParams):
-    layout: Any = param(None, "a BlockLayout (or torch BlockMask) built for these input sizes")
-    mask_mod: Any = param(None, "mask_mod(b, h, q_idx, kv_idx) -> bool, FlexAttention's signature")
+    layout: Any = param(None, "a BlockLayout (or torch BlockMask) built for these input sizes")  # noqa: RUF009
+    mask_mod: Any = param(None, "mask_mod(b, h, q_idx, kv_idx) -> bool, FlexAttention's signature")  # noqa: RUF009
     block_size: int = param(128, "block size when the layout is built from mask_mod")
 
     def validate(self) -> None:
         if self.layout is not None and self.mask_mod is not None:
             raise ValueError("block_sparse takes layout= or mask_mod=, not both")
         if self.layout is not None and not (isinstance(self.layout, BlockLayout) or _is_block_mask(self.layout)):
-            raise ValueError(f"layout must be an attnzoo.BlockLayout or a torch BlockMask, got {type(self.layout).__name__}")
+            got = type(self.layout).__name__
+            raise ValueError(f"layout must be an attnzoo.BlockLayout or a torch BlockMask, got {got}")
         if self.mask_mod is not None and not callable(self.mask_mod):
             raise ValueError(f"mask_mod must be callable, got {type(self.mask_mod).__name__}")
         if self.block_size < 1:
@@ -68,7 +69,8 @@ class BlockSparseParams(MethodParams):
 def _base_layout(call: AttentionCall, p: BlockSparseParams) -> BlockLayout:
     if p.layout is not None:
         return p.layout if isinstance(p.layout, BlockLayout) else BlockLayout.from_block_mask(p.layout)
-    key = ("block_sparse", p.mask_mod, p.block_size, call.q_len, call.kv_len, call.batch, call.q_heads, str(call.device))
+    sizes = (call.q_len, call.kv_len, call.batch, call.q_heads, str(call.device))
+    key = ("block_sparse", p.mask_mod, p.block_size, *sizes)
     return cached_layout(
         key,
         lambda: BlockLayout.from_mask_mod(
@@ -142,7 +144,8 @@ BLOCK_SPARSE = register(
             "the gather-and-flash kernel's time is proportional to the visited blocks."
         ),
         paper=Paper(
-            "Generating Long Sequences with Sparse Transformers (Child et al., 2019)", "https://arxiv.org/abs/1904.10509"
+            "Generating Long Sequences with Sparse Transformers (Child et al., 2019)",
+            "https://arxiv.org/abs/1904.10509",
         ),
         capabilities=Capabilities(causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True),
         params=BlockSparseParams,
