@@ -14,7 +14,7 @@ from attnzoo.registry import Backend, registered
 def test_public_namespace():
     assert set(attnzoo.__all__) == {
         "AttentionCall", "AttentionOutput", "Backend", "BlockLayout", "Capabilities", "DecodeState", "Explanation",
-        "Method", "NoBackendError", "Paper", "__version__", "attention", "explain", "get_method",
+        "Method", "NoBackendError", "Paper", "__version__", "attention", "collect_stats", "explain", "get_method",
         "init_state", "merge_attention_states", "methods", "nn", "register", "step", "conventions",
     }  # fmt: skip
     for name in attnzoo.__all__:

@@ -10,6 +10,7 @@ from .inputs import AttentionCall
 from .kernels.blocklayout import BlockLayout
 from .kernels.lse import merge_attention_states
 from .registry import AttentionOutput, Backend, Capabilities, Method, Paper, get_method, methods, register
+from .stats import collect_stats
 
 __all__ = [
     "AttentionCall",
@@ -24,6 +25,7 @@ __all__ = [
     "Paper",
     "__version__",
     "attention",
+    "collect_stats",
     "conventions",
     "explain",
     "get_method",

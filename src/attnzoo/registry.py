@@ -109,7 +109,10 @@ class Method:
     maps a call to parameters under which the method must equal exact attention (its budget
     at the maximum), or is ``None`` for exact methods. ``check(call, params)`` validates the
     parameters against the inputs (a kernel larger than the extent, say) and raises
-    ``ValueError`` naming the parameter, before any backend runs.
+    ``ValueError`` naming the parameter, before any backend runs. ``query_block(params)`` is set
+    by methods that choose keys per block of queries (content-selected block-sparse methods): a
+    query's output may then depend on the later queries of its block (never on later keys or
+    values, nor on queries of later blocks), so the prefix check cuts at multiples of it.
     """
 
     name: str
@@ -126,6 +129,7 @@ class Method:
     decoder: Decoder | None = None
     notes: str = ""
     check: Callable[[AttentionCall, Any], None] | None = None
+    query_block: Callable[[Any], int] | None = None
 
     def backend(self, name: str) -> Backend:
         if name == REFERENCE:

@@ -109,32 +109,42 @@ def _property_cases(spec: Method) -> Iterator[tuple[str, dict[str, Any]]]:
             yield backend, params
 
 
+def _query_block(spec: Method, params: dict[str, Any]) -> int:
+    return 1 if spec.query_block is None else spec.query_block(spec.params(**params))
+
+
 def check_causality(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult:
-    """Perturbing future keys and values (by large amounts) must not change past outputs."""
+    """Perturbing future keys and values (by large amounts), and queries past the query's block
+    (see ``Method.query_block``), must not change past outputs."""
     shapes = [Shape(1, 2, 2, 48, 48, 8, 8)]
     if spec.capabilities.cross:
         shapes.append(Shape(1, 2, 2, 20, 48, 8, 8))
+    unit = _query_block(spec, params)
     worst, case_id = 0.0, f"{spec.name}-{backend}-causality"
     for shape in shapes:
         q, k, v = random_qkv(shape, seed)
         t = shape.q_len // 2
         cut = t + shape.kv_len - shape.q_len + 1  # keys at or past `cut` are in query t's future
-        k2, v2 = k.clone(), v.clone()
+        k2, v2, q2 = k.clone(), v.clone(), q.clone()
         k2[:, :, cut:] = 30.0 * torch.randn_like(k2[:, :, cut:])
         v2[:, :, cut:] = 1e3 * torch.randn_like(v2[:, :, cut:])
+        q_cut = -(-(t + 1) // unit) * unit  # queries of later blocks
+        q2[:, :, q_cut:] = 30.0 * torch.randn_like(q2[:, :, q_cut:])
         before = attention(q, k, v, is_causal=True, method=spec.name, backend=backend, **params)
-        after = attention(q, k2, v2, is_causal=True, method=spec.name, backend=backend, **params)
+        after = attention(q2, k2, v2, is_causal=True, method=spec.name, backend=backend, **params)
         worst = max(worst, _error(after[:, :, : t + 1], before[:, :, : t + 1]))
     passed = worst <= 1e-9
     return CheckResult("causality", case_id, passed, "" if passed else f"past outputs moved by {worst:.3g}")
 
 
 def check_prefix(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult:
-    """Causal attention over a prefix equals the prefix of causal attention over the whole."""
+    """Causal attention over a prefix equals the prefix of causal attention over the whole (prefixes
+    cut at multiples of ``Method.query_block`` where the method selects keys per query block)."""
     q, k, v = random_qkv(Shape(2, 2, 2, 57, 57, 8, 8), seed)
     full = attention(q, k, v, is_causal=True, method=spec.name, backend=backend, **params)
     worst = 0.0
-    for t in (1, 17, 40):
+    unit = _query_block(spec, params)
+    for t in sorted({max(unit, t // unit * unit) for t in (1, 17, 40)}):
         part = attention(
             q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True, method=spec.name, backend=backend, **params
         )
