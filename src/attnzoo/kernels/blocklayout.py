@@ -165,9 +165,17 @@ class BlockLayout:
                 raise ValueError(f"mask_mod must return a bool tensor, got {type(m).__name__}")
             while m.dim() < 4:
                 m = m[None]
-            if m.dim() != 4 or m.shape[0] not in (1, batch) or m.shape[1] not in (1, heads):
-                raise ValueError(f"mask_mod returned shape {list(m.shape)}; expected [B or 1, H or 1, Nq, Nk]")
-            m = m.expand(m.shape[0], m.shape[1], q.numel(), kv.numel())
+            target = (m.shape[0], m.shape[1], q.numel(), kv.numel())
+            try:
+                if m.dim() != 4 or m.shape[0] not in (1, batch) or m.shape[1] not in (1, heads):
+                    raise RuntimeError
+                m = m.expand(target)
+            except RuntimeError:
+                raise ValueError(
+                    f"mask_mod returned shape {list(m.shape)} for index tensors of sizes "
+                    f"{[batch, heads, *target[2:]]}; "
+                    "write it with element-wise tensor operations (as for FlexAttention)"
+                ) from None
             inside = q_ok[:, None] & kv_ok[None, :]
             shape = (m.shape[0], m.shape[1], r1 - r0, bq, n_kb, bk)
             visited.append((m & inside).reshape(shape).any(-1).any(-2))
