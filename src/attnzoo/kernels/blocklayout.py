@@ -360,6 +360,7 @@ def causal_mask_mod(offset: int) -> MaskMod:
     def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return kv_idx <= q_idx + offset
 
+    causal.relative = True  # a function of q_idx - kv_idx alone: the kernel evaluates it once per offset
     return causal
 
 
@@ -377,6 +378,7 @@ def and_mask_mods(*mods: MaskMod | None) -> MaskMod | None:
             result = result & m(b, h, q_idx, kv_idx)
         return result
 
+    both.relative = all(getattr(m, "relative", False) for m in present)
     return both
 
 

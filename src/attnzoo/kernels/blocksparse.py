@@ -17,7 +17,7 @@ writes query gradients block by block and accumulates key and value gradients wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,13 +32,16 @@ from .tiles import CHUNK_BYTES, _flash, _flash_chunk_backward, _math_attend, _ma
 class _Run:
     """Tiles visiting ``count`` blocks each: block rows of their queries ``[n, Hg]`` and keys
     ``[n, Hgk * count]``, the batch element of each tile (``[n]``, for padding masks) and the
-    partial slots ``(tile, slot, mask row)`` or ``None`` when every block is full."""
+    partial slots ``(tile, slot, mask row)`` or ``None`` when every block is full. ``shared`` is
+    True when every tile of the run has the same partial slots with the same masks (a causal
+    diagonal, say): one bias then serves the whole run."""
 
     count: int
     q_rows: Tensor
     k_rows: Tensor
     batch: Tensor | None
     partial: tuple[Tensor, Tensor, Tensor] | None
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class _Plan:
     masks: Tensor  # bool [P, Bq, Bk]: element masks of the partial slots
     heads: tuple[int, int]  # (Hg, Hgk): heads per tile in the kernel call
     covered: bool  # every query block visits at least one key block
+    biases: dict = field(default_factory=dict)  # (run index, dtype) -> shared bias of a run
 
 
 def _member_heads(gb: int, gh: int, batch: int, q_heads: int, kv_heads: int, device) -> tuple[Tensor, Tensor]:
@@ -65,9 +69,31 @@ def _member_heads(gb: int, gh: int, batch: int, q_heads: int, kv_heads: int, dev
     return torch.tensor(q_rows, device=device), torch.tensor(kv_rows, device=device)
 
 
-def _partial_masks(layout: BlockLayout, g_of: Tensor, qb: Tensor, kb: Tensor, is_partial: Tensor) -> Tensor:
-    """Bool ``[P, Bq, Bk]`` element masks of the given slots (``mask_mod`` where the layout marks
-    the block partial, keys past ``kv_len`` hidden, padded query rows seeing every real key)."""
+def _partial_masks(layout: BlockLayout, g_of: Tensor, qb: Tensor, kb: Tensor, is_partial: Tensor):
+    """Element masks of the given slots as ``(table [U, Bq, Bk] bool, row of each slot [P])``:
+    ``mask_mod`` where the layout marks the block partial, keys past ``kv_len`` hidden, padded query
+    rows seeing every real key. A rule marked ``relative`` (a function of ``q_idx - kv_idx`` only,
+    like causality) is evaluated once per distinct offset of the interior blocks."""
+    bq, bk = layout.block_size
+    dev = qb.device
+    rows = torch.arange(qb.numel(), device=dev)
+    interior = ((qb + 1) * bq <= layout.q_len) & ((kb + 1) * bk <= layout.kv_len) & is_partial
+    if getattr(layout.mask_mod, "relative", False) and bool(interior.any()):
+        offsets, inverse = torch.unique(qb[interior] * bq - kb[interior] * bk, return_inverse=True)
+        first = torch.full((offsets.numel(),), qb.numel(), device=dev).scatter_reduce_(
+            0, inverse, rows[interior], "amin"
+        )
+        rest = ~interior
+        rest[first] = True  # one representative slot per offset is evaluated
+        table, found = _evaluate(layout, g_of[rest], qb[rest], kb[rest], is_partial[rest])
+        where = torch.full((qb.numel(),), -1, dtype=torch.long, device=dev)
+        where[rest] = found
+        where[interior] = where[first][inverse]
+        return table, where
+    return _evaluate(layout, g_of, qb, kb, is_partial)
+
+
+def _evaluate(layout: BlockLayout, g_of: Tensor, qb: Tensor, kb: Tensor, is_partial: Tensor):
     bq, bk = layout.block_size
     gh = layout.groups[1]
     dev = qb.device
@@ -88,7 +114,7 @@ def _partial_masks(layout: BlockLayout, g_of: Tensor, qb: Tensor, kb: Tensor, is
             )
             m = torch.where(use[:, None, None] & (q < layout.q_len), rule & kv_ok, m)
         out[sl] = m
-    return out
+    return out, torch.arange(qb.numel(), device=dev)
 
 
 def _build_plan(layout: BlockLayout, batch: int, q_heads: int, kv_heads: int, padded: bool, device) -> _Plan:
@@ -122,16 +148,22 @@ def _build_plan(layout: BlockLayout, batch: int, q_heads: int, kv_heads: int, pa
         q_rows = q_heads_of[g] * n_qb + qb[:, None]
         kb = idx[t, :c]
         k_rows = (kv_heads_of[g][:, :, None] * n_kb + kb[:, None, :]).reshape(len(t), -1)
-        run_partial = None
+        run_partial, shared = None, False
         if bool(has_partial[t[0]]) or padded:
             ti, sj = torch.nonzero(partial[t, :c], as_tuple=True)
             if ti.numel():
-                mask_parts.append(_partial_masks(layout, g[ti], qb[ti], kb[ti, sj], ruled[t, :c][ti, sj]))
-                rows = torch.arange(n_masks, n_masks + ti.numel(), device=device)
-                n_masks += ti.numel()
+                table, rows = _partial_masks(layout, g[ti], qb[ti], kb[ti, sj], ruled[t, :c][ti, sj])
+                mask_parts.append(table)
+                rows = rows + n_masks
+                n_masks += table.shape[0]
                 run_partial = (ti, sj, rows)
+                per_tile = ti.numel() // len(t)
+                shared = per_tile * len(t) == ti.numel() and bool(
+                    (sj.view(len(t), per_tile) == sj[:per_tile]).all()
+                    and (rows.view(len(t), per_tile) == rows[:per_tile]).all()
+                )
         batch_of = g // gh if gb == batch else None
-        runs.append(_Run(c, q_rows, k_rows, batch_of, run_partial))
+        runs.append(_Run(c, q_rows, k_rows, batch_of, run_partial, run_partial is not None and shared))
     bq, bk = layout.block_size
     masks = torch.cat(mask_parts) if mask_parts else torch.zeros(0, bq, bk, dtype=torch.bool, device=device)
     return _Plan(tuple(runs), masks, (q_heads_of.shape[1], kv_heads_of.shape[1]), bool((count > 0).all()))
@@ -212,20 +244,31 @@ def _chunks(plan: _Plan, bq: int, bk: int):
             yield run, a, min(run.q_rows.shape[0], a + size)
 
 
+def _partial_bias(plan: _Plan, run: _Run, tiles: Tensor, n: int, a: int, bq: int, bk: int, dtype) -> Tensor:
+    """``[n, Bq, c, Bk]`` additive bias of the partial slots of tiles ``a + tiles`` (0 elsewhere)."""
+    ti, sj, rows = run.partial
+    bias = torch.zeros(n, bq, run.count, bk, dtype=dtype, device=run.q_rows.device)
+    sel = (ti >= a) & (ti < a + tiles)
+    hidden = ~plan.masks[rows[sel]]
+    values = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+    bias[ti[sel] - a, :, sj[sel], :] = values
+    return bias
+
+
 def _bias(plan: _Plan, prob: _Problem, run: _Run, a: int, b: int, dtype: torch.dtype) -> Tensor | None:
-    """Additive ``[n, 1, Bq, c * Bk]`` bias of tiles ``[a, b)`` of ``run`` (None: nothing hidden)."""
+    """Additive ``[n or 1, 1, Bq, c * Bk]`` bias of tiles ``[a, b)`` of ``run`` (None: nothing hidden)."""
     if run.partial is None and prob.key_ok is None:
         return None
     n, c, bq, bk = b - a, run.count, prob.bq, prob.bk
-    bias = torch.zeros(n, bq, c, bk, dtype=dtype, device=run.q_rows.device)
-    if run.partial is not None:
-        ti, sj, rows = run.partial
-        sel = (ti >= a) & (ti < b)
-        if bool(sel.any()):
-            hidden = ~plan.masks[rows[sel]]
-            values = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
-            bias[ti[sel] - a, :, sj[sel], :] = values
-    bias = bias.view(n, 1, bq, c * bk)
+    if run.partial is None:
+        bias = torch.zeros(n, 1, bq, c * bk, dtype=dtype, device=run.q_rows.device)
+    elif run.shared:  # one bias for the whole run, built once per plan and dtype
+        key = (id(run), dtype)
+        if key not in plan.biases:
+            plan.biases[key] = _partial_bias(plan, run, 1, 1, 0, bq, bk, dtype).view(1, 1, bq, c * bk)
+        bias = plan.biases[key]
+    else:
+        bias = _partial_bias(plan, run, b - a, n, a, bq, bk, dtype).view(n, 1, bq, c * bk)
     if prob.key_ok is not None:
         kb = run.k_rows[a:b, :c] % prob.n_kb  # the first head's blocks: the same for every head of the tile
         ok = prob.key_ok[(run.batch[a:b, None] * prob.n_kb + kb).reshape(-1)].view(n, 1, 1, c * bk)
