@@ -1,5 +1,5 @@
 """One module per method; importing this package registers them all."""
 
-from . import block_sparse, dense, neighborhood, sliding_window, windows
+from . import block_select, block_sparse, cca, dense, neighborhood, pbs, sliding_window, windows
 
-__all__ = ["block_sparse", "dense", "neighborhood", "sliding_window", "windows"]
+__all__ = ["block_select", "block_sparse", "cca", "dense", "neighborhood", "pbs", "sliding_window", "windows"]
