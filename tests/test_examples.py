@@ -31,3 +31,13 @@ def test_local_attention_example_trains():
         sys.path.remove(str(EXAMPLES))
     for first, last in local_attention.main().values():
         assert last < 0.9 * first
+
+
+def test_block_sparse_example_trains():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import block_sparse
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    for first, last in block_sparse.main().values():
+        assert last < 0.9 * first

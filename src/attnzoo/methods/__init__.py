@@ -1,5 +1,16 @@
 """One module per method; importing this package registers them all."""
 
-from . import block_select, block_sparse, cca, dense, neighborhood, pbs, sliding_window, windows
+from . import block_select, block_sparse, cca, dense, fixed_sparse, neighborhood, pbs, sliding_window, strided, windows
 
-__all__ = ["block_select", "block_sparse", "cca", "dense", "neighborhood", "pbs", "sliding_window", "windows"]
+__all__ = [
+    "block_select",
+    "block_sparse",
+    "cca",
+    "dense",
+    "fixed_sparse",
+    "neighborhood",
+    "pbs",
+    "sliding_window",
+    "strided",
+    "windows",
+]
