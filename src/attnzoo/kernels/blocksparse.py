@@ -276,6 +276,19 @@ def _bias(plan: _Plan, prob: _Problem, run: _Run, a: int, b: int, dtype: torch.d
     return bias
 
 
+def _empty_rows(plan: _Plan, run: _Run, bias: Tensor | None, padded: bool) -> Tensor | None:
+    """Bool ``[n or 1, 1, Bq]``: rows of the chunk with no visible key (None: there are none)."""
+    if bias is None:
+        return None
+    if run.shared and not padded:  # the run's one bias: look once
+        key = (id(run), "empty")
+        if key not in plan.biases:
+            empty = torch.isneginf(bias).all(-1)
+            plan.biases[key] = empty if bool(empty.any()) else None
+        return plan.biases[key]
+    return torch.isneginf(bias).all(-1)
+
+
 def _gather(buf: _Buffers, prob: _Problem, run: _Run, a: int, b: int, hg: int, hgk: int, with_v: bool = True):
     n, c = b - a, run.count
     D, Dv = prob.shape[5], prob.shape[6]
@@ -310,8 +323,9 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, kv_mask):
             og, lg = _math_attend(qg, kg, vg, torch.zeros((), dtype=work) if bias is None else bias, scale)
         dest = run.q_rows[a:b].reshape(-1)
         raw.index_copy_(0, dest, lg.reshape(-1, prob.bq).to(raw.dtype))
-        if bias is not None:
-            empty = torch.isneginf(bias).all(-1).expand(lg.shape)
+        empty = _empty_rows(plan, run, bias, prob.key_ok is not None)
+        if empty is not None:
+            empty = empty.expand(lg.shape)
             lg, og = lg.masked_fill(empty, float("-inf")), og.masked_fill(empty[..., None], 0.0)
         lse.index_copy_(0, dest, lg.reshape(-1, prob.bq).to(lse.dtype))
         out.index_copy_(0, dest, og.reshape(-1, prob.bq * Dv).to(out.dtype))
