@@ -55,13 +55,13 @@ class BlockSparseParams(MethodParams):
     block_size: int = param(128, "block size when the layout is built from mask_mod")
 
     def validate(self) -> None:
-        if self.layout is not None and self.mask_mod is not None:
-            raise ValueError("block_sparse takes layout= or mask_mod=, not both")
         if self.layout is not None and not (isinstance(self.layout, BlockLayout) or _is_block_mask(self.layout)):
             got = type(self.layout).__name__
-            raise ValueError(f"layout must be an attnzoo.BlockLayout or a torch BlockMask, got {got}")
+            raise TypeError(f"layout must be an attnzoo.BlockLayout or a torch BlockMask, got {got}")
         if self.mask_mod is not None and not callable(self.mask_mod):
-            raise ValueError(f"mask_mod must be callable, got {type(self.mask_mod).__name__}")
+            raise TypeError(f"mask_mod must be callable, got {type(self.mask_mod).__name__}")
+        if self.layout is not None and self.mask_mod is not None:
+            raise ValueError("block_sparse takes layout= or mask_mod=, not both")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
