@@ -131,6 +131,17 @@ def expand_blocks(call: AttentionCall, chosen: Tensor, block: int) -> Tensor:
     return visible & causal_visibility(call) if call.is_causal else visible
 
 
+def _selected_reference(name: str, call: AttentionCall, chosen: Tensor, block: int) -> AttentionOutput:
+    if stats.active():
+        _record(name, layout_from_selection(call, chosen, block))
+    return reference_layout(call, expand_blocks(call, chosen, block))
+
+
+def _selected_run(name: str, call: AttentionCall, layout: BlockLayout) -> AttentionOutput:
+    _record(name, layout)
+    return run_layout(call, layout)
+
+
 def _record(name: str, layout: BlockLayout) -> None:
     if stats.active():
         rows = layout.kv_num_blocks.float()
@@ -165,16 +176,11 @@ def moba_select(call: AttentionCall, p: MobaParams) -> BlockLayout:
 
 def moba_reference(call: AttentionCall, p: MobaParams) -> AttentionOutput:
     """Dense softmax over the keys of the selected blocks (:func:`moba_blocks`), causality and padding."""
-    chosen = moba_blocks(call, p)
-    if stats.active():
-        _record("moba", layout_from_selection(call, chosen, p.block_size))
-    return reference_layout(call, expand_blocks(call, chosen, p.block_size))
+    return _selected_reference("moba", call, moba_blocks(call, p), p.block_size)
 
 
 def _moba_run(call: AttentionCall, p: MobaParams) -> AttentionOutput:
-    layout = moba_select(call, p)
-    _record("moba", layout)
-    return run_layout(call, layout)
+    return _selected_run("moba", call, moba_select(call, p))
 
 
 def _moba_degenerate(call: AttentionCall) -> dict:
@@ -252,16 +258,11 @@ def xattention_select(call: AttentionCall, p: XAttentionParams) -> BlockLayout:
 
 def xattention_reference(call: AttentionCall, p: XAttentionParams) -> AttentionOutput:
     """Dense softmax over the keys of the selected blocks (:func:`xattention_blocks`), causality and padding."""
-    chosen = xattention_blocks(call, p)
-    if stats.active():
-        _record("xattention", layout_from_selection(call, chosen, p.block_size))
-    return reference_layout(call, expand_blocks(call, chosen, p.block_size))
+    return _selected_reference("xattention", call, xattention_blocks(call, p), p.block_size)
 
 
 def _xattention_run(call: AttentionCall, p: XAttentionParams) -> AttentionOutput:
-    layout = xattention_select(call, p)
-    _record("xattention", layout)
-    return run_layout(call, layout)
+    return _selected_run("xattention", call, xattention_select(call, p))
 
 
 def _xattention_degenerate(call: AttentionCall) -> dict:

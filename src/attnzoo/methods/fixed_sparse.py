@@ -97,6 +97,16 @@ def visited_pairs(layout: BlockLayout | None, q_len: int) -> float:
     return 0.0 if layout is None else layout.density() * q_len * layout.kv_len
 
 
+def run_planned(name: str, call: AttentionCall, plan) -> AttentionOutput:
+    """Run a ``(main, rows, glob)`` plan (see :func:`run_with_global_queries`) and report its density."""
+    main, rows, glob = plan
+    out, lse = run_with_global_queries(call, main, rows, glob)
+    if stats.active():
+        visited = visited_pairs(main, call.q_len) + (0.0 if rows is None else visited_pairs(glob, rows.numel()))
+        stats.record(name, density=visited / (call.q_len * call.kv_len))
+    return AttentionOutput(out, lse if call.return_lse else None)
+
+
 def _expand_blocks(blocks: Tensor, n: int, block: int) -> Tensor:
     """Bool ``[..., nB, nB]`` block matrix -> ``[..., n, n]`` element matrix."""
     pos = torch.arange(n, device=blocks.device) // block
@@ -246,12 +256,7 @@ def bigbird_reference(call: AttentionCall, p: BigBirdParams) -> AttentionOutput:
 
 
 def _bigbird_run(call: AttentionCall, p: BigBirdParams) -> AttentionOutput:
-    main, rows, glob = _bigbird_plan(call, p)
-    out, lse = run_with_global_queries(call, main, rows, glob)
-    if stats.active():
-        visited = visited_pairs(main, call.q_len) + (0.0 if rows is None else visited_pairs(glob, rows.numel()))
-        stats.record("bigbird", density=visited / (call.q_len * call.kv_len))
-    return AttentionOutput(out, lse if call.return_lse else None)
+    return run_planned("bigbird", call, _bigbird_plan(call, p))
 
 
 BIGBIRD = register(
@@ -383,6 +388,7 @@ __all__ = [
     "global_query_layout",
     "hashed_bits",
     "random_blocks",
+    "run_planned",
     "run_with_global_queries",
     "subsample_blocks",
     "visited_pairs",

@@ -43,7 +43,7 @@ from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Method, Paper, register
 from ._selection import num_blocks
 from .block_sparse import causal_visibility, reference_layout
-from .fixed_sparse import CAPABILITIES, global_query_layout, run_with_global_queries, visited_pairs
+from .fixed_sparse import CAPABILITIES, global_query_layout, run_planned
 
 BLOCK = 64  # block size of every layout here (a tuning knob, not a parameter)
 
@@ -361,12 +361,7 @@ def _build_longformer(call: AttentionCall, p: LongformerParams):
 
 
 def _longformer_run(call: AttentionCall, p: LongformerParams) -> AttentionOutput:
-    main, rows, glob = _longformer_plan(call, p)
-    out, lse = run_with_global_queries(call, main, rows, glob)
-    if stats.active():
-        visited = visited_pairs(main, call.q_len) + (0.0 if rows is None else visited_pairs(glob, rows.numel()))
-        stats.record("longformer", density=visited / (call.q_len * call.kv_len))
-    return AttentionOutput(out, lse if call.return_lse else None)
+    return run_planned("longformer", call, _longformer_plan(call, p))
 
 
 LONGFORMER = register(
