@@ -21,11 +21,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .blocklayout import EVAL_ELEMENTS, BlockLayout, evaluate_mask_mod
 from .reference import lse_dtype
-from .tiles import CHUNK_BYTES, _flash, _flash_chunk_backward, _math_attend, _math_chunk_backward, _use_flash
+from .tiles import (
+    CHUNK_BYTES,
+    _flash,
+    _flash_chunk_backward,
+    _math_attend,
+    _math_chunk_backward,
+    _use_flash,
+    recomputed_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -299,13 +306,19 @@ def _gather(buf: _Buffers, prob: _Problem, run: _Run, a: int, b: int, hg: int, h
     return qg, kg, vg
 
 
-def _forward(q, k, v, layout: BlockLayout, scale: float, kv_mask):
+def _setup(q, k, v, layout: BlockLayout, kv_mask):
+    """The block views, the cached plan, whether the flash kernel runs, and the accumulation dtype."""
     prob = _Problem(q, k, v, layout, kv_mask)
-    B, Hq, Hkv, _, _, _, Dv = prob.shape
+    B, Hq, Hkv = prob.shape[:3]
     plan = plan_for(layout, B, Hq, Hkv, kv_mask is not None, q.device)
-    hg, hgk = plan.heads
-    flash = _use_flash(q, v)
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    return prob, plan, _use_flash(q, v), work
+
+
+def _forward(q, k, v, layout: BlockLayout, scale: float, kv_mask):
+    prob, plan, flash, work = _setup(q, k, v, layout, kv_mask)
+    B, Hq, _, _, _, _, Dv = prob.shape
+    hg, hgk = plan.heads
     rows = B * Hq * prob.n_qb
     alloc = torch.empty if plan.covered else torch.zeros
     out = alloc(rows, prob.bq * Dv, dtype=q.dtype, device=q.device)
@@ -333,12 +346,9 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, kv_mask):
 
 
 def _backward(q, k, v, layout, scale, kv_mask, out, raw, grad_out, grad_lse):
-    prob = _Problem(q, k, v, layout, kv_mask)
-    B, Hq, Hkv, _, _, D, Dv = prob.shape
-    plan = plan_for(layout, B, Hq, Hkv, kv_mask is not None, q.device)
+    prob, plan, flash, work = _setup(q, k, v, layout, kv_mask)
+    D, Dv = prob.shape[5:]
     hg, hgk = plan.heads
-    flash = _use_flash(q, v)
-    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dq = (torch.empty if plan.covered else torch.zeros)(prob.q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(prob.k.shape, dtype=work, device=k.device)
     dv = torch.zeros(prob.v.shape, dtype=work, device=v.device)
@@ -369,23 +379,6 @@ def _backward(q, k, v, layout, scale, kv_mask, out, raw, grad_out, grad_lse):
     return prob.unblock_q(dq, D), prob.unblock_k(dk, D).to(k.dtype), prob.unblock_k(dv, Dv).to(v.dtype)
 
 
-class _BlockAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale, kv_mask):
-        out, lse, raw = _forward(q, k, v, layout, scale, kv_mask)
-        ctx.save_for_backward(q, k, v, out, raw)
-        ctx.layout, ctx.scale, ctx.kv_mask = layout, scale, kv_mask
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, raw = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, ctx.layout, ctx.scale, ctx.kv_mask, out, raw, grad_out, grad_lse)
-        return dq, dk, dv, None, None, None
-
-
 def block_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float, kv_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -395,8 +388,4 @@ def block_attention(
     ``[B, Hq, Nq]`` (float32, ``-inf`` for those rows); both differentiable.
     """
     layout.check_call(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _BlockAttention.apply(q, k, v, layout, scale, kv_mask)
-    out, lse, _ = _forward(q, k, v, layout, scale, kv_mask)
-    return out, lse
+    return recomputed_attention(_forward, _backward, q, k, v, layout, scale, kv_mask)

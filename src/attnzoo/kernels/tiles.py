@@ -390,13 +390,16 @@ def _math_chunk_backward(qg, kg, vg, og, gog, gl, bias, scale):
     return dqg.to(qg.dtype), dkg, dvg
 
 
-class _TileAttention(torch.autograd.Function):
+class _Recomputed(torch.autograd.Function):
+    """Autograd for a chunked kernel: ``forward(q, k, v, *args) -> (out, lse, raw)`` and
+    ``backward(q, k, v, *args, out, raw, grad_out, grad_lse) -> (dq, dk, dv)``, the backward
+    recomputing from the saved output and the kernel's own log-sum-exp ``raw``."""
+
     @staticmethod
-    def forward(ctx, q, k, v, kv_mask, layout, scale):
-        out, lse, raw = _forward(q, k, v, kv_mask, layout, scale)
+    def forward(ctx, forward, backward, q, k, v, *args):
+        out, lse, raw = forward(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, raw)
-        ctx.kv_mask, ctx.layout, ctx.scale = kv_mask, layout, scale
-        ctx.mark_non_differentiable(raw)
+        ctx.backward_fn, ctx.args = backward, args
         ctx.set_materialize_grads(False)  # an unused log-sum-exp costs nothing in the backward
         return out, lse
 
@@ -404,8 +407,17 @@ class _TileAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, raw = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, ctx.kv_mask, ctx.layout, ctx.scale, out, raw, grad_out, grad_lse)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = ctx.backward_fn(q, k, v, *ctx.args, out, raw, grad_out, grad_lse)
+        return None, None, dq, dk, dv, *(None for _ in ctx.args)
+
+
+def recomputed_attention(forward, backward, q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of a chunked kernel (see :class:`_Recomputed`), differentiable when an input requires grad."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Recomputed.apply(forward, backward, q, k, v, *args)
+    out, lse, _ = forward(q, k, v, *args)
+    return out, lse
 
 
 def tile_attention(
@@ -416,8 +428,4 @@ def tile_attention(
     Returns ``out [B, Hq, Nq, Dv]`` in the input dtype (0 for queries that see no key) and the
     log-sum-exp ``[B, Hq, Nq]`` (float32, ``-inf`` for those rows); both differentiable.
     """
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _TileAttention.apply(q, k, v, kv_mask, layout, scale)
-    out, lse, _ = _forward(q, k, v, kv_mask, layout, scale)
-    return out, lse
+    return recomputed_attention(_forward, _backward, q, k, v, kv_mask, layout, scale)
