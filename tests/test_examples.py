@@ -1,8 +1,11 @@
 """The examples run: the quick start, and the worked example of docs/adding_a_method.md."""
 
+import importlib
 import runpy
 import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -23,21 +26,12 @@ def test_adding_a_method_example_passes_the_generated_suite(capsys):
     assert " 0 failed" in capsys.readouterr().out
 
 
-def test_local_attention_example_trains():
+@pytest.mark.parametrize("name", ["local_attention", "block_sparse"])
+def test_training_examples_train(name):
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import local_attention
+        module = importlib.import_module(name)
     finally:
         sys.path.remove(str(EXAMPLES))
-    for first, last in local_attention.main().values():
-        assert last < 0.9 * first
-
-
-def test_block_sparse_example_trains():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import block_sparse
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    for first, last in block_sparse.main().values():
+    for first, last in module.main().values():
         assert last < 0.9 * first
