@@ -62,6 +62,7 @@ def step(
     state: DecodeState,
     *,
     scale: float | None = None,
+    **params: Any,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Attend ``n_new >= 1`` new tokens causally after everything in ``state``.
 
@@ -71,6 +72,8 @@ def step(
         value: `[B, Hkv, n_new, Dv]`.
         state: from :func:`init_state` or a previous ``step``.
         scale: score scale. Default: `1/sqrt(D)`.
+        **params: per-token parameters of the new tokens (gates ``[B, Hkv, n_new, ...]``, write
+            strengths), for methods that take them; they replace the state's for this step.
 
     Returns:
         ``(out [B, Hq, n_new, Dv], new_state)``; equal to the matching rows of causal attention over
@@ -82,5 +85,10 @@ def step(
     call = build_call(query, key, value, None, 0.0, True, scale, False, None, False, False)
     if call.q_len != call.kv_len:
         raise ValueError(f"query and key must hold the same new tokens, got {call.q_len} and {call.kv_len}")
-    result, inner = spec.decoder.step(call, state.inner, state.params)
+    step_params = state.params
+    if params:
+        step_params = spec.params.from_kwargs(spec.name, {**state.params.as_dict(), **params})
+        if spec.check is not None:
+            spec.check(call, step_params)
+    result, inner = spec.decoder.step(call, state.inner, step_params)
     return result.out, DecodeState(state.method, state.params, inner, state.length + call.q_len)

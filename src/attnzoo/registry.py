@@ -113,6 +113,10 @@ class Method:
     by methods that choose keys per block of queries (content-selected block-sparse methods): a
     query's output may then depend on the later queries of its block (never on later keys or
     values, nor on queries of later blocks), so the prefix check cuts at multiples of it.
+    ``sample_params(call, generator)`` returns random valid data-dependent parameters for a call
+    (gates, write strengths: tensors with the sequence on dim 2); the conformance suite, the
+    bad-input table and the arena merge them into ``test_params``. ``shared_query`` marks a
+    method that reads one query token per head (the query must be constant along the sequence).
     """
 
     name: str
@@ -130,6 +134,8 @@ class Method:
     notes: str = ""
     check: Callable[[AttentionCall, Any], None] | None = None
     query_block: Callable[[Any], int] | None = None
+    sample_params: Callable[[AttentionCall, torch.Generator], dict[str, Any]] | None = None
+    shared_query: bool = False
 
     def backend(self, name: str) -> Backend:
         if name == REFERENCE:

@@ -85,18 +85,20 @@ def check_state(
     ct = compute_dtype(dtype)
     expected = [batch, heads, key_dim, value_dim]
     if list(state.state.shape) != expected:
-        raise ValueError(f"initial_state.state must have shape [B, Hkv, Dk, Dv] = {expected}, got {list(state.state.shape)}")
+        raise ValueError(
+            f"initial_state.state must have shape [B, Hkv, Dk, Dv] = {expected}, got {list(state.state.shape)}"
+        )
     if state.state.dtype != ct:
         raise ValueError(f"initial_state.state must be {ct} for {dtype} inputs, got {state.state.dtype}")
     if normalize != (state.normalizer is not None):
         need = "a normalizer [B, Hkv, Dk]" if normalize else "no normalizer (this method does not normalise)"
         raise ValueError(f"initial_state must have {need}")
-    if state.normalizer is not None:
-        if list(state.normalizer.shape) != expected[:3] or state.normalizer.dtype != ct:
-            raise ValueError(
-                f"initial_state.normalizer must be {ct} of shape [B, Hkv, Dk] = {expected[:3]}, "
-                f"got {state.normalizer.dtype} {list(state.normalizer.shape)}"
-            )
+    z = state.normalizer
+    if z is not None and (list(z.shape) != expected[:3] or z.dtype != ct):
+        raise ValueError(
+            f"initial_state.normalizer must be {ct} of shape [B, Hkv, Dk] = {expected[:3]}, "
+            f"got {z.dtype} {list(z.shape)}"
+        )
     if isinstance(state.length, bool) or not isinstance(state.length, int) or state.length < 0:
         raise ValueError(f"initial_state.length must be an int >= 0, got {state.length!r}")
     return state
@@ -226,7 +228,7 @@ def _recurrent(q5, k, v, g, beta, s0, rule):
 def _parallel(q5, k, v, g, beta, s0, rule):
     """The quadratic form with the weight matrix materialised (whole sequence as one block)."""
     n = k.shape[2]
-    G = torch.zeros(k.shape[:3] + (1,), dtype=k.dtype, device=k.device) if g is None else g.cumsum(dim=2)
+    G = torch.zeros((*k.shape[:3], 1), dtype=k.dtype, device=k.device) if g is None else g.cumsum(dim=2)
     if G.shape[-1] == 1:
         D = _decay_matrix(G[..., 0])  # [B, H, N, N]
         weights = (q5 @ k.unsqueeze(2).mT) * D.unsqueeze(2)
@@ -273,10 +275,7 @@ def _chunked(q5, k, v, g, beta, s0, rule, chunk_size):
     qc = q5.reshape(B, H, Gq, nc, C, Dk)
     kc = k.reshape(B, H, nc, C, Dk)
     vc = v.reshape(B, H, nc, C, v.shape[-1])
-    if g is None:
-        G = None
-    else:
-        G = g.reshape(B, H, nc, C, g.shape[-1]).cumsum(dim=3)  # chunk-local, inclusive
+    G = None if g is None else g.reshape(B, H, nc, C, g.shape[-1]).cumsum(dim=3)  # chunk-local, inclusive
     if rule == "delta":
         out, s = _chunk_delta(qc, kc, vc, G, beta.reshape(B, H, nc, C), s0)
     elif G is None:
@@ -364,7 +363,7 @@ def _chunk_add_scalar(qc, kc, vc, G, s0):
 
 
 def _chunk_add_diagonal(qc, kc, vc, G, s0):
-    B, H, Gq, nc, C, Dk = qc.shape
+    _B, _H, _Gq, _nc, _C, _Dk = qc.shape
     last = G[:, :, :, -1:]  # [B, H, nc, 1, Dk]
     writes = (kc * torch.exp(last - G)).mT @ vc
     before, s = _prefix_states(s0, writes, last[:, :, :, 0])
@@ -404,11 +403,8 @@ def _diagonal_intra(qc, kc, G):
 def _chunk_delta(qc, kc, vc, G, beta, s0):
     """Delta rule per chunk in WY form: ``U = A^-1 beta V - A^-1 beta e^G K S`` where
     ``A = I + strict_tril(beta_i (k_i . k_j) e^(G_i - G_j))``; the state passes between chunks."""
-    B, H, nc, C, Dk = kc.shape
-    if G is None:
-        G = torch.zeros(B, H, nc, C, dtype=kc.dtype, device=kc.device)
-    else:
-        G = G[..., 0]
+    B, H, nc, C, _Dk = kc.shape
+    G = torch.zeros(B, H, nc, C, dtype=kc.dtype, device=kc.device) if G is None else G[..., 0]
     eye = torch.eye(C, dtype=kc.dtype, device=kc.device)
     A = eye + beta[..., None] * (kc @ kc.mT) * _decay_matrix(G, strict=True)
     rhs = torch.cat([beta[..., None] * vc, beta[..., None] * torch.exp(G)[..., None] * kc], dim=-1)

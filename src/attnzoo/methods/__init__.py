@@ -1,6 +1,18 @@
 """One module per method; importing this package registers them all."""
 
-from . import block_select, block_sparse, cca, dense, fixed_sparse, neighborhood, pbs, sliding_window, strided, windows
+from . import (
+    block_select,
+    block_sparse,
+    cca,
+    dense,
+    fixed_sparse,
+    linear,
+    neighborhood,
+    pbs,
+    sliding_window,
+    strided,
+    windows,
+)
 
 __all__ = [
     "block_select",
@@ -8,6 +20,7 @@ __all__ = [
     "cca",
     "dense",
     "fixed_sparse",
+    "linear",
     "neighborhood",
     "pbs",
     "sliding_window",

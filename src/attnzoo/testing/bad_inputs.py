@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..registry import Method
+from .cases import sampled_params
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -29,8 +30,10 @@ class BadInput:
 def _base(spec: Method, n: int = 16, heads: int = 2) -> Call:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, n, 8, generator=gen) for _ in range(3))
+    q = q[:, :, :1].expand_as(q).clone() if spec.shared_query else q
     # the method's first test parameters: a valid call (block_sparse, say, has no usable defaults)
-    return (q, k, v), {"is_causal": not spec.capabilities.noncausal, "method": spec.name, **spec.test_params[0]}
+    kwargs = {"is_causal": not spec.capabilities.noncausal, "method": spec.name, **spec.test_params[0]}
+    return (q, k, v), {**kwargs, **sampled_params(spec, q, k, v, 0)}
 
 
 def _with(spec: Method, index: int | None = None, tensor: Any = None, **kwargs: Any) -> Callable[[], Call]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..inputs import build_call
 from ..registry import Method, get_method, methods
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -168,22 +169,56 @@ def conformance_cases(method_names: list[str] | None = None, quick: bool | None 
     return cases
 
 
+def _shared(spec: Method, q: torch.Tensor) -> torch.Tensor:
+    """Methods that read one query token per head get a query constant along the sequence."""
+    return q[:, :, :1].expand_as(q).clone() if spec.shared_query else q
+
+
+def sampled_params(spec: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: int) -> dict[str, Any]:
+    """The method's random data-dependent parameters (gates, write strengths) for these inputs."""
+    if spec.sample_params is None:
+        return {}
+    call = build_call(q, k, v, None, 0.0, False, None, False, None, False, False, spec.capabilities.spatial_dims)
+    return spec.sample_params(call, torch.Generator().manual_seed(seed + 7919))
+
+
+def per_token(params: dict[str, Any], length: int) -> list[str]:
+    """Names of the tensor parameters that run along the sequence (dim 2 of size ``length``)."""
+    return [n for n, t in params.items() if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.shape[2] == length]
+
+
+def slice_params(params: dict[str, Any], length: int, start: int, stop: int) -> dict[str, Any]:
+    """``params`` with its per-token tensors cut to positions ``start:stop``."""
+    names = per_token(params, length)
+    return {n: (t[:, :, start:stop] if n in names else t) for n, t in params.items()}
+
+
 def make_inputs(case: Case, seed: int = 0) -> dict[str, Any]:
-    """Seeded float32 inputs (``q``, ``k``, ``v``, masks, output cotangents) for a case."""
+    """Seeded float32 inputs (``q``, ``k``, ``v``, masks, output cotangents, sampled parameters)."""
+    spec = get_method(case.method)
     gen = torch.Generator().manual_seed(seed)
     s = case.shape
-    q = torch.randn(s.dims(s.q_heads, s.q_len, s.head_dim), generator=gen)
+    q = _shared(spec, torch.randn(s.dims(s.q_heads, s.q_len, s.head_dim), generator=gen))
     k = torch.randn(s.dims(s.kv_heads, s.kv_len, s.head_dim), generator=gen)
     v = torch.randn(s.dims(s.kv_heads, s.kv_len, s.value_dim), generator=gen)
     grad_out = torch.randn(s.dims(s.q_heads, s.q_len, s.value_dim), generator=gen)
     grad_lse = grad_out[..., 0].clone().normal_(generator=gen)
-    return {"qkv": (q, k, v), "masks": case.pattern.masks(s, gen), "grad_out": grad_out, "grad_lse": grad_lse}
+    return {
+        "qkv": (q, k, v),
+        "masks": case.pattern.masks(s, gen),
+        "grad_out": grad_out,
+        "grad_lse": grad_lse,
+        "params": sampled_params(spec, q, k, v, seed),
+    }
 
 
-def random_qkv(shape: Shape, seed: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+def random_qkv(
+    shape: Shape, seed: int, dtype: torch.dtype = torch.float64, spec: Method | None = None
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     dims = ((shape.q_heads, shape.q_len), (shape.kv_heads, shape.kv_len), (shape.kv_heads, shape.kv_len))
-    return [torch.randn(shape.dims(h, n, shape.head_dim), generator=gen, dtype=dtype) for h, n in dims]
+    q, k, v = (torch.randn(shape.dims(h, n, shape.head_dim), generator=gen, dtype=dtype) for h, n in dims)
+    return [q if spec is None else _shared(spec, q), k, v]
 
 
 def small_shape(spec: Method, batch: int, q_heads: int, kv_heads: int, n: int, dim: int) -> Shape:

@@ -22,7 +22,17 @@ import torch
 from ..api import attention, prepare
 from ..inputs import build_call
 from ..registry import Method, get_method, methods
-from .cases import Case, Shape, conformance_cases, make_inputs, random_qkv, small_shape
+from .cases import (
+    Case,
+    Shape,
+    conformance_cases,
+    make_inputs,
+    per_token,
+    random_qkv,
+    sampled_params,
+    slice_params,
+    small_shape,
+)
 from .poison import poison_uninitialized
 
 FLOORS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
@@ -52,6 +62,7 @@ def _forward_backward(case: Case, inputs: dict[str, Any], backend: str, dtype: t
         return_lse=case.return_lse,
         **masks,
         **dict(case.params),
+        **inputs["params"],
     )
     out, lse = result if case.return_lse else (result, None)
     found = {"out": out.detach().double()}
@@ -122,16 +133,21 @@ def check_causality(spec: Method, backend: str, params: dict[str, Any], seed: in
     unit = _query_block(spec, params)
     worst, case_id = 0.0, f"{spec.name}-{backend}-causality"
     for shape in shapes:
-        q, k, v = random_qkv(shape, seed)
+        q, k, v = random_qkv(shape, seed, spec=spec)
+        sampled, other = sampled_params(spec, q, k, v, seed), sampled_params(spec, q, k, v, seed + 1)
         t = shape.q_len // 2
         cut = t + shape.kv_len - shape.q_len + 1  # keys at or past `cut` are in query t's future
         k2, v2, q2 = k.clone(), v.clone(), q.clone()
         k2[:, :, cut:] = 30.0 * torch.randn_like(k2[:, :, cut:])
         v2[:, :, cut:] = 1e3 * torch.randn_like(v2[:, :, cut:])
         q_cut = -(-(t + 1) // unit) * unit  # queries of later blocks
-        q2[:, :, q_cut:] = 30.0 * torch.randn_like(q2[:, :, q_cut:])
-        before = attention(q, k, v, is_causal=True, method=spec.name, backend=backend, **params)
-        after = attention(q2, k2, v2, is_causal=True, method=spec.name, backend=backend, **params)
+        if not spec.shared_query:
+            q2[:, :, q_cut:] = 30.0 * torch.randn_like(q2[:, :, q_cut:])
+        perturbed = dict(sampled)
+        for name in per_token(sampled, shape.kv_len):  # future gates too
+            perturbed[name] = torch.cat([sampled[name][:, :, :cut], other[name][:, :, cut:]], dim=2)
+        before = attention(q, k, v, is_causal=True, method=spec.name, backend=backend, **params, **sampled)
+        after = attention(q2, k2, v2, is_causal=True, method=spec.name, backend=backend, **params, **perturbed)
         worst = max(worst, _error(after[:, :, : t + 1], before[:, :, : t + 1]))
     passed = worst <= 1e-9
     return CheckResult("causality", case_id, passed, "" if passed else f"past outputs moved by {worst:.3g}")
@@ -140,13 +156,15 @@ def check_causality(spec: Method, backend: str, params: dict[str, Any], seed: in
 def check_prefix(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult:
     """Causal attention over a prefix equals the prefix of causal attention over the whole (prefixes
     cut at multiples of ``Method.query_block`` where the method selects keys per query block)."""
-    q, k, v = random_qkv(Shape(2, 2, 2, 57, 57, 8, 8), seed)
-    full = attention(q, k, v, is_causal=True, method=spec.name, backend=backend, **params)
+    q, k, v = random_qkv(Shape(2, 2, 2, 57, 57, 8, 8), seed, spec=spec)
+    sampled = sampled_params(spec, q, k, v, seed)
+    full = attention(q, k, v, is_causal=True, method=spec.name, backend=backend, **params, **sampled)
     worst = 0.0
     unit = _query_block(spec, params)
     for t in sorted({max(unit, t // unit * unit) for t in (1, 17, 40)}):
+        cut = slice_params(sampled, 57, 0, t)
         part = attention(
-            q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True, method=spec.name, backend=backend, **params
+            q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True, method=spec.name, backend=backend, **params, **cut
         )
         worst = max(worst, _error(part, full[:, :, :t]))
     passed = worst <= 1e-9
@@ -160,12 +178,15 @@ def check_decode(spec: Method, params: dict[str, Any], seed: int = 0) -> CheckRe
     from ..decode import init_state, step
 
     shape = Shape(2, 4, 2 if spec.capabilities.gqa else 4, 37, 37, 8, 8)
-    q, k, v = random_qkv(shape, seed)
-    full = attention(q, k, v, is_causal=True, method=spec.name, **params)
+    q, k, v = random_qkv(shape, seed, spec=spec)
+    sampled = sampled_params(spec, q, k, v, seed)
+    full = attention(q, k, v, is_causal=True, method=spec.name, **params, **sampled)
     state = init_state(spec.name, batch=2, kv_heads=shape.kv_heads, head_dim=8, dtype=torch.float64, **params)
     outs, start, sizes = [], 0, []
     for n in (1, 1, 5, 1, 13, 16):
-        out, state = step(q[:, :, start : start + n], k[:, :, start : start + n], v[:, :, start : start + n], state)
+        new = slice(start, start + n)
+        per_step = slice_params(sampled, shape.kv_len, start, start + n)
+        out, state = step(q[:, :, new], k[:, :, new], v[:, :, new], state, **per_step)
         outs.append(out)
         sizes.append(state.size_bytes())
         start += n
@@ -182,9 +203,9 @@ def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult |
         return None
     # spatial methods are causal per axis, which is not dense causal attention: compare non-causal
     causal = spec.capabilities.causal and not (spec.capabilities.spatial_dims and spec.capabilities.noncausal)
-    q, k, v = random_qkv(small_shape(spec, 2, 2, 2, 40, 8), seed)
+    q, k, v = random_qkv(small_shape(spec, 2, 2, 2, 40, 8), seed, spec=spec)
     call = build_call(q, k, v, None, 0.0, causal, None, False, None, False, False, spec.capabilities.spatial_dims)
-    params = spec.degenerate_params(call)
+    params = {**spec.degenerate_params(call), **sampled_params(spec, q, k, v, seed)}
     exact = attention(q, k, v, is_causal=causal, method="dense", backend="reference")
     found = attention(q, k, v, is_causal=causal, method=spec.name, backend=backend, **params)
     err = _error(found, exact)
@@ -195,7 +216,7 @@ def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult |
 def check_dropout(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult | None:
     """Dropout changes the output, and averages to the output without dropout (the weights kept
     are rescaled by 1 / (1 - p)). ``None`` where the backend does not take dropout."""
-    q, k, v = random_qkv(small_shape(spec, 2, 2, 2, 16, 8), seed)
+    q, k, v = random_qkv(small_shape(spec, 2, 2, 2, 16, 8), seed, spec=spec)
     _, call, method_params = prepare(q, k, v, dropout_p=0.3, method=spec.name, **params)
     if backend != "reference" and spec.backend(backend).why_not(call, method_params):
         return None
@@ -217,11 +238,23 @@ def check_gradcheck(spec: Method, backend: str, params: dict[str, Any], seed: in
     """``torch.autograd.gradcheck`` in float64 on tiny shapes (outputs and log-sum-exp)."""
     causal = spec.capabilities.causal
     shape = small_shape(spec, 1, 2, 1 if spec.capabilities.gqa else 2, 6, 4)
-    q, k, v = (t.requires_grad_() for t in random_qkv(shape, seed))
+    q, k, v = random_qkv(shape, seed, spec=spec)
+    sampled = sampled_params(spec, q, k, v, seed)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def run(q, k, v):
+        if spec.shared_query:  # one query token: perturb every row alike
+            q = q[:, :, :1].expand_as(q)
         return attention(
-            q, k, v, is_causal=causal, method=spec.name, backend=backend, return_lse=spec.capabilities.lse, **params
+            q,
+            k,
+            v,
+            is_causal=causal,
+            method=spec.name,
+            backend=backend,
+            return_lse=spec.capabilities.lse,
+            **params,
+            **sampled,
         )
 
     try:
