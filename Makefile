@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-extended lint docs venv clean
+.PHONY: demo test test-extended lint docs venv peers clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt natten \
 		|| echo "natten (optional peer) did not install: the NATTEN comparison tests will be skipped"
 	touch $(STAMP)
+
+# optional peer libraries for the benchmarks' baselines (flash-linear-attention; large: triton)
+peers: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[peers]"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
