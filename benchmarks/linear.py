@@ -162,8 +162,7 @@ def row_decode(args, notes) -> list[list]:
                 _, state = attnzoo.attention(
                     q, k, v, is_causal=True, method=method, return_state=True, **params, **extra
                 )
-            dstate = attnzoo.init_state(method, batch=1, kv_heads=H, head_dim=D, **params)
-            dstate = type(dstate)(dstate.method, dstate.params, state, prefill)
+            dstate = attnzoo.init_state(method, batch=1, kv_heads=H, head_dim=D, initial_state=state, **params)
             q1, k1, v1 = (t[:, :, :1].clone() for t in randn(1, seed=3))
             step_extra = {n: t[:, :, :1] for n, t in method_inputs(method, q1).items()}
             timers[prefill] = lambda s=dstate, q1=q1, k1=k1, v1=v1, e=step_extra: attnzoo.step(q1, k1, v1, s, **e)

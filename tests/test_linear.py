@@ -197,3 +197,16 @@ def test_core_refuses_combinations_it_does_not_define():
         linear_attention(q, q, q, rule="delta", log_decay=torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="form"):
         linear_attention(q, q, q, form="fast")
+
+
+def test_decoding_continues_after_a_prefill():
+    q, k, v = (torch.randn(1, 2, 30, 8, dtype=torch.float64) for _ in range(3))
+    full = attnzoo.attention(q, k, v, is_causal=True, method="linear")
+    _, prefill = attnzoo.attention(
+        q[:, :, :25], k[:, :, :25], v[:, :, :25], is_causal=True, method="linear", return_state=True
+    )
+    state = attnzoo.init_state("linear", batch=1, kv_heads=2, head_dim=8, dtype=torch.float64, initial_state=prefill)
+    assert state.length == 25
+    out, state = attnzoo.step(q[:, :, 25:], k[:, :, 25:], v[:, :, 25:], state)
+    torch.testing.assert_close(out, full[:, :, 25:], rtol=0, atol=1e-12)
+    assert state.length == 30 and state.inner.length == 30

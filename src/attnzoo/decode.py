@@ -52,7 +52,8 @@ def init_state(
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     method_params = spec.params.from_kwargs(spec.name, params)
     inner = spec.decoder.init_state(batch, kv_heads, head_dim, value_dim, dtype, torch.device(device), method_params)
-    return DecodeState(spec.name, method_params, inner, 0)
+    # a state continued from a prefill (recurrent methods' ``initial_state``) knows its length
+    return DecodeState(spec.name, method_params, inner, int(getattr(inner, "length", 0)))
 
 
 def step(

@@ -15,7 +15,7 @@ def feature_map(name: str, x: Tensor) -> Tensor:
     """``elu``: ``elu(x) + 1`` (Katharopoulos et al., 2020); ``relu``; ``identity``;
     ``softmax``: softmax over the feature dimension (Shen et al., 2021). Dtype-preserving."""
     if name == "elu":
-        return F.elu(x) + 1.0
+        return F.elu(x).add_(1.0)  # in place: elu's backward reads its input, not its output
     if name == "relu":
         return F.relu(x)
     if name == "identity":

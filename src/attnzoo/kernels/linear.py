@@ -349,7 +349,7 @@ def _prefix_states(s0, writes, chunk_log_decay=None):
             last = inclusive[:, :, -1:]
             carry = torch.exp(last[:, :, 0])[..., None] * carry + (torch.exp(last - inclusive)[..., None] * w).sum(2)
         befores.append(before)
-    return torch.cat(befores, dim=2), carry
+    return (befores[0] if len(befores) == 1 else torch.cat(befores, dim=2)), carry
 
 
 def _chunk_add_scalar(qc, kc, vc, G, s0):

@@ -111,10 +111,14 @@ def backends(build: Build) -> tuple[Backend, ...]:
 
 def decoder(build: Build, feature_dim: Callable[[int, Any], int], normalize: Callable[[Any], bool]) -> Decoder:
     """Decoding: the state is a :class:`LinearState`; a step runs the new tokens through the
-    chunk form from it (one token or a chunked prefill), O(1) in the position."""
+    chunk form from it (one token or a chunked prefill), O(1) in the position. ``init_state``
+    with ``initial_state=`` (a prefill's ``return_state``) continues from that state."""
 
     def init(batch, kv_heads, head_dim, value_dim, dtype, device, p):
-        return empty_state(batch, kv_heads, feature_dim(head_dim, p), value_dim, normalize(p), dtype, device)
+        f = feature_dim(head_dim, p)
+        if p.initial_state is not None:  # continue after a prefill (``return_state=True``)
+            return check_state(p.initial_state, batch, kv_heads, f, value_dim, normalize(p), dtype)
+        return empty_state(batch, kv_heads, f, value_dim, normalize(p), dtype, device)
 
     def step(call: AttentionCall, state: LinearState, p: Any):
         out, new = run(call, p, build(call, p, state.length), "chunk", state)
