@@ -26,7 +26,7 @@ def test_adding_a_method_example_passes_the_generated_suite(capsys):
     assert " 0 failed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["local_attention", "block_sparse"])
+@pytest.mark.parametrize("name", ["local_attention", "block_sparse", "linear_attention"])
 def test_training_examples_train(name):
     sys.path.insert(0, str(EXAMPLES))
     try:

@@ -210,3 +210,14 @@ def test_decoding_continues_after_a_prefill():
     out, state = attnzoo.step(q[:, :, 25:], k[:, :, 25:], v[:, :, 25:], state)
     torch.testing.assert_close(out, full[:, :, 25:], rtol=0, atol=1e-12)
     assert state.length == 30 and state.inner.length == 30
+
+
+@pytest.mark.parametrize("kind", ["none", "diagonal"])
+def test_head_slabs_equal_one_pass(monkeypatch, kind):
+    """Large inputs run the chunk form on slabs of heads; the result is the same."""
+    inputs, s0, has_g, has_beta = _problem(kind, "add", kind == "none", n=40)
+    gold = _run("chunk", inputs, has_g, has_beta, "add", kind == "none", s0, 16)
+    monkeypatch.setattr("attnzoo.kernels.linear.SLAB_BYTES", 1)  # one key/value head per slab
+    found = _run("chunk", inputs, has_g, has_beta, "add", kind == "none", s0, 16)
+    for a, b in zip(found, gold):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

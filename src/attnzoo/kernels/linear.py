@@ -18,9 +18,9 @@ Three forms compute it and agree in float64 to rounding (outputs, final states, 
 * ``chunk``: chunkwise-parallel for training and prefill, any ``N`` and chunk size. Within a
   chunk the decays are a chunk-local cumulative sum ``G`` of the log decays, and every decay
   factor is ``exp`` of a difference ``G_i - G_j`` with ``j <= i`` masked to ``-inf`` before the
-  exponent, so no exponent is ever positive. Diagonal gates split a chunk into sub-chunks:
-  between sub-chunks the decay factors through the last position before the query sub-chunk
-  (two non-positive exponents), within one it is evaluated pairwise. The delta rule uses the
+  exponent, so no exponent is ever positive. Diagonal gates halve the chunk recursively: a pair
+  whose key lies in the first half of a block and whose query in the second factors through the
+  last position of the first half (two non-positive exponents, one matmul per level). The delta rule uses the
   WY/UT form: a unit lower-triangular solve per chunk turns the rank-1 updates into matmuls;
 * ``parallel``: quadratic, the weight matrix materialised; for checking.
 
@@ -36,7 +36,6 @@ from torch import Tensor
 
 FORMS = ("recurrent", "chunk", "parallel")
 RULES = ("add", "delta")
-SUB_CHUNK = 16  # diagonal gates: pairwise decays inside sub-chunks of this many tokens
 
 
 @dataclass(frozen=True)
@@ -150,6 +149,9 @@ def linear_attention(
         raise ValueError("log_decay: the delta rule takes a scalar decay per token, not a diagonal one")
     B, Hq, N, Dk = q.shape
     H, Dv = k.shape[1], v.shape[-1]
+    slab = _slab_heads(q, H)
+    if form == "chunk" and causal and slab < H:
+        return _by_head_slabs(q, k, v, slab, log_decay, beta, rule, normalize, initial_state, chunk_size)
     ct = compute_dtype(q.dtype)
     q5 = q.to(ct).reshape(B, H, Hq // H, N, Dk)
     k, v = k.to(ct), v.to(ct)
@@ -183,9 +185,48 @@ def linear_attention(
     return out, LinearState(s, None, length + N)
 
 
+SLAB_BYTES = 8 * 2**20  # per-slab size of a [B, heads, N, D] intermediate of the chunk form
+
+
+def _slab_heads(q: Tensor, kv_heads: int) -> int:
+    """Key/value heads per slab so that a query-sized intermediate stays under ``SLAB_BYTES``:
+    larger allocations are fresh pages from the OS every call (measured: 2x slower per element)."""
+    per_head = q.shape[0] * (q.shape[1] // kv_heads) * q.shape[2] * q.shape[3] * 4
+    return max(1, min(kv_heads, SLAB_BYTES // max(per_head, 1)))
+
+
+def _by_head_slabs(q, k, v, slab, log_decay, beta, rule, normalize, initial_state, chunk_size):
+    """The chunk form run on groups of ``slab`` key/value heads (heads are independent)."""
+    H, groups = k.shape[1], q.shape[1] // k.shape[1]
+    outs, states, norms = [], [], []
+    for h in range(0, H, slab):
+        part = slice(h, h + slab)
+        state = None
+        if initial_state is not None:
+            z = None if initial_state.normalizer is None else initial_state.normalizer[:, part]
+            state = LinearState(initial_state.state[:, part], z, initial_state.length)
+        out, final = linear_attention(
+            q[:, h * groups : (h + slab) * groups],
+            k[:, part],
+            v[:, part],
+            log_decay=None if log_decay is None else log_decay[:, part],
+            beta=None if beta is None else beta[:, part],
+            rule=rule,
+            normalize=normalize,
+            initial_state=state,
+            chunk_size=chunk_size,
+        )
+        outs.append(out)
+        states.append(final.state)
+        norms.append(final.normalizer)
+    length = final.length
+    normalizer = None if norms[0] is None else torch.cat(norms, dim=1)
+    return torch.cat(outs, dim=1), LinearState(torch.cat(states, dim=1), normalizer, length)
+
+
 def _inverse(den: Tensor) -> Tensor:
-    """``1 / den``, and 0 where ``den == 0`` (a row that sees nothing is 0, not NaN)."""
-    zero = den == 0
+    """``1 / den``, and 0 where ``den`` is 0 or subnormal (a row that sees nothing is 0, not NaN or Inf)."""
+    zero = den.abs() < torch.finfo(den.dtype).tiny
     return torch.where(zero, 0.0, 1.0 / torch.where(zero, 1.0, den))
 
 
@@ -200,14 +241,22 @@ def _read(scores: Tensor, values: Tensor, q: Tensor, before: Tensor) -> Tensor:
     return torch.baddbmm(flat(intra), flat(q), flat(before)).reshape(shape)
 
 
-def _decay_matrix(G, strict: bool = False) -> Tensor:
+def _exp(like: Tensor, x: Tensor) -> Tensor:
+    """``exp(x)`` in ``like``'s dtype. Cumulative log decays are float64 (a float32 cumulative sum
+    of strong decays loses the small differences that matter), their differences are rounded to
+    the compute dtype only then."""
+    return torch.exp(x.to(like.dtype))
+
+
+def _decay_matrix(G, strict: bool = False, dtype: torch.dtype | None = None) -> Tensor:
     """``exp(G_i - G_j)`` for ``j <= i`` (``j < i`` if ``strict``), else 0: ``[..., N, N]`` from
     ``G [..., N]`` (or a pair of broadcastable row and column terms); the upper triangle is
     masked before the exponent."""
     diff = G[0] - G[1] if isinstance(G, tuple) else G[..., :, None] - G[..., None, :]
     n = diff.shape[-1]
     upper = torch.ones(n, n, dtype=torch.bool, device=diff.device).triu(0 if strict else 1)
-    return torch.exp(diff.masked_fill(upper, float("-inf")))
+    diff = diff.masked_fill(upper, float("-inf"))
+    return torch.exp(diff if dtype is None else diff.to(dtype))
 
 
 def _recurrent(q5, k, v, g, beta, s0, rule):
@@ -228,27 +277,30 @@ def _recurrent(q5, k, v, g, beta, s0, rule):
 def _parallel(q5, k, v, g, beta, s0, rule):
     """The quadratic form with the weight matrix materialised (whole sequence as one block)."""
     n = k.shape[2]
-    G = torch.zeros((*k.shape[:3], 1), dtype=k.dtype, device=k.device) if g is None else g.cumsum(dim=2)
+    G = torch.zeros((*k.shape[:3], 1), dtype=torch.float64, device=k.device)
+    G = G if g is None else g.to(torch.float64).cumsum(dim=2)  # float64: see _exp
     if G.shape[-1] == 1:
-        D = _decay_matrix(G[..., 0])  # [B, H, N, N]
+        D = _decay_matrix(G[..., 0], dtype=k.dtype)  # [B, H, N, N]
         weights = (q5 @ k.unsqueeze(2).mT) * D.unsqueeze(2)
     else:  # diagonal: sum the per-dimension decayed products one dimension at a time (N x N memory)
         weights = 0
         for d in range(k.shape[-1]):
-            D = _decay_matrix(G[..., d])
+            D = _decay_matrix(G[..., d], dtype=k.dtype)
             weights = weights + q5[..., d, None] * k[:, :, None, None, :, d] * D.unsqueeze(2)
-    q_decayed = q5 * torch.exp(G).unsqueeze(2)
+    q_decayed = q5 * _exp(k, G).unsqueeze(2)
     if rule == "add":
         out = weights @ v.unsqueeze(2) + q_decayed @ s0.unsqueeze(2)
-        s_end = torch.exp(G[:, :, -1, :, None]) * s0 + (k * torch.exp(G[:, :, -1:] - G)).mT @ v
+        s_end = _exp(k, G[:, :, -1, :, None]) * s0 + (k * _exp(k, G[:, :, -1:] - G)).mT @ v
         return out, s_end
     # Delta rule, WY form over the whole sequence: (I + strict_tril(beta_i k_i.k_j D_ij)) U = beta (V - e^G K S0)
     b = torch.ones(k.shape[:3], dtype=k.dtype, device=k.device) if beta is None else beta
-    A = torch.eye(n, dtype=k.dtype, device=k.device) + b[..., None] * (k @ k.mT) * _decay_matrix(G[..., 0], strict=True)
-    rhs = b[..., None] * (v - torch.exp(G) * (k @ s0))
+    A = torch.eye(n, dtype=k.dtype, device=k.device) + b[..., None] * (k @ k.mT) * _decay_matrix(
+        G[..., 0], strict=True, dtype=k.dtype
+    )
+    rhs = b[..., None] * (v - _exp(k, G) * (k @ s0))
     u = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     out = weights @ u.unsqueeze(2) + q_decayed @ s0.unsqueeze(2)
-    s_end = torch.exp(G[:, :, -1, :, None]) * s0 + (k * torch.exp(G[:, :, -1:] - G)).mT @ u
+    s_end = _exp(k, G[:, :, -1, :, None]) * s0 + (k * _exp(k, G[:, :, -1:] - G)).mT @ u
     return out, s_end
 
 
@@ -263,8 +315,8 @@ def _pad(x: Tensor | None, n_pad: int, dim: int = 2) -> Tensor | None:
 def _chunked(q5, k, v, g, beta, s0, rule, chunk_size):
     B, H, Gq, N, Dk = q5.shape
     C = max(1, min(chunk_size, N))
-    if g is not None and g.shape[-1] > 1 and C > SUB_CHUNK:
-        C = -(-C // SUB_CHUNK) * SUB_CHUNK  # diagonal gates: whole sub-chunks
+    if g is not None and g.shape[-1] > 1:
+        C = 1 << (C - 1).bit_length()  # diagonal gates: a power of two (halving, see _diagonal_intra)
     n_pad = -N % C
     # padding: zero queries/keys/values, no decay (log 1 = 0), no delta write (beta 0)
     q5, k, v, g = _pad(q5, n_pad, 3), _pad(k, n_pad), _pad(v, n_pad), _pad(g, n_pad)
@@ -275,7 +327,8 @@ def _chunked(q5, k, v, g, beta, s0, rule, chunk_size):
     qc = q5.reshape(B, H, Gq, nc, C, Dk)
     kc = k.reshape(B, H, nc, C, Dk)
     vc = v.reshape(B, H, nc, C, v.shape[-1])
-    G = None if g is None else g.reshape(B, H, nc, C, g.shape[-1]).cumsum(dim=3)  # chunk-local, inclusive
+    # chunk-local inclusive cumulative log decays, in float64 (see _exp)
+    G = None if g is None else g.reshape(B, H, nc, C, g.shape[-1]).to(torch.float64).cumsum(dim=3)
     if rule == "delta":
         out, s = _chunk_delta(qc, kc, vc, G, beta.reshape(B, H, nc, C), s0)
     elif G is None:
@@ -340,64 +393,64 @@ def _prefix_states(s0, writes, chunk_log_decay=None):
             inclusive = lg.cumsum(dim=2)
             exclusive = inclusive - lg
             # L_ij = exp(exclusive_i - inclusive_j) for j < i: decay from the end of chunk j to the start of i
-            L = _decay_matrix((exclusive.mT[..., :, None], inclusive.mT[..., None, :]), strict=True)
+            L = _decay_matrix((exclusive.mT[..., :, None], inclusive.mT[..., None, :]), True, writes.dtype)
             if lg.shape[-1] == 1:
                 before = (L[:, :, 0] @ w.reshape(B, H, t, Dk * Dv)).reshape(B, H, t, Dk, Dv)
             else:  # one decay matrix per state row
                 before = (L @ w.permute(0, 1, 3, 2, 4)).permute(0, 1, 3, 2, 4)
-            before = before + torch.exp(exclusive)[..., None] * carry.unsqueeze(2)
+            before = before + _exp(writes, exclusive)[..., None] * carry.unsqueeze(2)
             last = inclusive[:, :, -1:]
-            carry = torch.exp(last[:, :, 0])[..., None] * carry + (torch.exp(last - inclusive)[..., None] * w).sum(2)
+            carry = _exp(writes, last[:, :, 0])[..., None] * carry + (
+                _exp(writes, last - inclusive)[..., None] * w
+            ).sum(2)
         befores.append(before)
     return (befores[0] if len(befores) == 1 else torch.cat(befores, dim=2)), carry
 
 
 def _chunk_add_scalar(qc, kc, vc, G, s0):
-    D = _decay_matrix(G)  # [B, H, nc, C, C]
+    D = _decay_matrix(G, dtype=kc.dtype)  # [B, H, nc, C, C]
     scores = (qc @ kc.unsqueeze(2).mT) * D.unsqueeze(2)
     last = G[..., -1:]  # [B, H, nc, 1]
-    writes = (kc * torch.exp(last - G)[..., None]).mT @ vc
+    writes = (kc * _exp(kc, last - G)[..., None]).mT @ vc
     before, s = _prefix_states(s0, writes, last)
-    out = scores @ vc.unsqueeze(2) + (qc * torch.exp(G)[:, :, None, ..., None]) @ before.unsqueeze(2)
+    out = scores @ vc.unsqueeze(2) + (qc * _exp(kc, G)[:, :, None, ..., None]) @ before.unsqueeze(2)
     return out, s
 
 
 def _chunk_add_diagonal(qc, kc, vc, G, s0):
     _B, _H, _Gq, _nc, _C, _Dk = qc.shape
     last = G[:, :, :, -1:]  # [B, H, nc, 1, Dk]
-    writes = (kc * torch.exp(last - G)).mT @ vc
+    writes = (kc * _exp(kc, last - G)).mT @ vc
     before, s = _prefix_states(s0, writes, last[:, :, :, 0])
-    out = (qc * torch.exp(G).unsqueeze(2)) @ before.unsqueeze(2)
+    out = (qc * _exp(kc, G).unsqueeze(2)) @ before.unsqueeze(2)
     out = out + _diagonal_intra(qc, kc, G) @ vc.unsqueeze(2)
     return out, s
 
 
 def _diagonal_intra(qc, kc, G):
     """Intra-chunk weights ``A_ij = sum_d q_id k_jd exp(G_id - G_jd)`` (``j <= i``) with no
-    positive exponent: ``[B, H, Gq, nc, C, C]``. ``C`` is a multiple of the sub-chunk."""
+    positive exponent: ``[B, H, Gq, nc, C, C]``.
+
+    Halving: every pair ``j < i`` lies in exactly one block (of size ``b = C, C/2, ..., 2``) that
+    has ``j`` in its first half and ``i`` in its second; through ``r``, the last position of the
+    first half, ``exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j)``, both exponents ``<= 0``, so the
+    pairs of a level are one batched matmul. The diagonal is ``q_i . k_i``. ``C`` is a power of two.
+    """
     B, H, Gq, nc, C, Dk = qc.shape
-    c = min(SUB_CHUNK, C)
-    n_sub = C // c
-    starts = torch.arange(n_sub, device=G.device) * c
-    pos = torch.arange(C, device=G.device)
-    sub = pos // c  # sub-chunk of each position
-    # Between sub-chunks: factor through r = the position before the query sub-chunk (j <= r < i).
-    G_ref = G[:, :, :, (starts - 1).clamp(min=0)]  # [B, H, nc, n_sub, Dk]
-    q_fac = torch.exp(G - G_ref[:, :, :, sub])  # exponent <= 0
-    earlier = pos[None, :] < starts[:, None]  # [n_sub, C]: key j lies before sub-chunk a
-    k_exp = (G_ref[:, :, :, :, None] - G[:, :, :, None]).masked_fill(~earlier[..., None], float("-inf"))
-    k_fac = kc[:, :, :, None] * torch.exp(k_exp)  # [B, H, nc, n_sub, C, Dk]
-    qs = (qc * q_fac.unsqueeze(2)).reshape(B, H, Gq, nc, n_sub, c, Dk)
-    weights = qs @ k_fac.unsqueeze(2).mT  # [B, H, Gq, nc, n_sub, c, C]
-    # Within a sub-chunk: pairwise decays [c, c, Dk], masked before the exponent.
-    Gs = G.reshape(B, H, nc, n_sub, c, Dk)
-    tril = torch.ones(c, c, dtype=torch.bool, device=G.device).tril()
-    diff = (Gs[..., :, None, :] - Gs[..., None, :, :]).masked_fill(~tril[..., None], float("-inf"))
-    ks = kc.reshape(B, H, nc, n_sub, 1, c, Dk) * torch.exp(diff)  # [B, H, nc, n_sub, c, c, Dk]
-    within = (qc.reshape(B, H, Gq, nc, n_sub, c, 1, Dk) * ks.unsqueeze(2)).sum(-1)  # [.., n_sub, c, c]
-    eye = torch.eye(n_sub, dtype=G.dtype, device=G.device)
-    block_diagonal = (within.unsqueeze(-2) * eye[:, None, :, None]).reshape(B, H, Gq, nc, n_sub, c, C)
-    return (weights + block_diagonal).reshape(B, H, Gq, nc, C, C)
+    weights = torch.diag_embed((qc * kc.unsqueeze(2)).sum(-1))  # i == j
+    b = C
+    while b >= 2:
+        m, h = C // b, b // 2
+        Gb = G.reshape(B, H, nc, m, b, Dk)
+        ref = Gb[..., h - 1 : h, :]  # [B, H, nc, m, 1, Dk]
+        q2 = qc.reshape(B, H, Gq, nc, m, b, Dk)[..., h:, :] * _exp(qc, Gb[..., h:, :] - ref).unsqueeze(2)
+        k1 = kc.reshape(B, H, nc, m, b, Dk)[..., :h, :] * _exp(qc, ref - Gb[..., :h, :])
+        block = q2 @ k1.unsqueeze(2).mT  # [B, H, Gq, nc, m, h, h]: rows i in the second half, keys j in the first
+        # the m diagonal [b, b] blocks of the [C, C] weights, as a view [.., b, b, m]; write their lower-left quarter
+        diagonal = weights.view(B, H, Gq, nc, m, b, m, b).diagonal(dim1=4, dim2=6)
+        diagonal[..., h:, :h, :] = block.movedim(4, -1)
+        b = h
+    return weights
 
 
 def _chunk_delta(qc, kc, vc, G, beta, s0):
@@ -406,19 +459,19 @@ def _chunk_delta(qc, kc, vc, G, beta, s0):
     B, H, nc, C, _Dk = kc.shape
     G = torch.zeros(B, H, nc, C, dtype=kc.dtype, device=kc.device) if G is None else G[..., 0]
     eye = torch.eye(C, dtype=kc.dtype, device=kc.device)
-    A = eye + beta[..., None] * (kc @ kc.mT) * _decay_matrix(G, strict=True)
-    rhs = torch.cat([beta[..., None] * vc, beta[..., None] * torch.exp(G)[..., None] * kc], dim=-1)
+    A = eye + beta[..., None] * (kc @ kc.mT) * _decay_matrix(G, strict=True, dtype=kc.dtype)
+    rhs = torch.cat([beta[..., None] * vc, beta[..., None] * _exp(kc, G)[..., None] * kc], dim=-1)
     solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     u0, w = solved[..., : vc.shape[-1]], solved[..., vc.shape[-1] :]
     last = G[..., -1:]
-    k_write = kc * torch.exp(last - G)[..., None]
+    k_write = kc * _exp(kc, last - G)[..., None]
     s, befores, us = s0, [], []
     for c in range(nc):
         befores.append(s)
         u = u0[:, :, c] - w[:, :, c] @ s
         us.append(u)
-        s = torch.exp(last[:, :, c])[..., None] * s + k_write[:, :, c].mT @ u
+        s = _exp(kc, last[:, :, c])[..., None] * s + k_write[:, :, c].mT @ u
     before, u = torch.stack(befores, dim=2), torch.stack(us, dim=2)
-    scores = (qc @ kc.unsqueeze(2).mT) * _decay_matrix(G).unsqueeze(2)
-    out = scores @ u.unsqueeze(2) + (qc * torch.exp(G)[:, :, None, ..., None]) @ before.unsqueeze(2)
+    scores = (qc @ kc.unsqueeze(2).mT) * _decay_matrix(G, dtype=kc.dtype).unsqueeze(2)
+    out = scores @ u.unsqueeze(2) + (qc * _exp(kc, G)[:, :, None, ..., None]) @ before.unsqueeze(2)
     return out, s

@@ -97,6 +97,12 @@ def form_runner(build: Build, form: str) -> Callable[[AttentionCall, Any], Atten
         return AttentionOutput(out, None, state if call.return_state else None)
 
     runner.__name__ = f"{form}_form"
+    runner.__doc__ = {
+        "recurrent": "The recurrence token by token, from its definition (the method's build gives the features, "
+        "decays and rule): S_t = alpha_t S_{t-1} + write_t, o_t = S_t^T q_t.",
+        "chunk": "The chunkwise-parallel form of the shared recurrence (kernels.linear).",
+        "parallel": "The quadratic form of the shared recurrence, weights materialised (kernels.linear).",
+    }[form]
     return runner
 
 

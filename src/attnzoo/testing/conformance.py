@@ -150,7 +150,8 @@ def check_causality(spec: Method, backend: str, params: dict[str, Any], seed: in
         after = attention(q2, k2, v2, is_causal=True, method=spec.name, backend=backend, **params, **perturbed)
         worst = max(worst, _error(after[:, :, : t + 1], before[:, :, : t + 1]))
     passed = worst <= 1e-9
-    return CheckResult("causality", case_id, passed, "" if passed else f"past outputs moved by {worst:.3g}")
+    message = "" if passed else f"past outputs moved by {worst:.3g}"
+    return CheckResult("causality", case_id, passed, message, {"past outputs": (worst, 1e-9)})
 
 
 def check_prefix(spec: Method, backend: str, params: dict[str, Any], seed: int = 0) -> CheckResult:
