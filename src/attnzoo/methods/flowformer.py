@@ -218,6 +218,8 @@ def _empty(call: AttentionCall, heads: int) -> FlowState:
 
 
 def reference(call: AttentionCall, p: FlowParams) -> AttentionOutput:
+    """Flow-Attention from its definition: causal, a loop over tokens updating the prefix sums;
+    non-causal, the ``N x M`` weights materialised."""
     fq, fk, v, real = _features(call)
     if call.is_causal:
         out = _loop(fq, fk, v, real, _empty(call, call.q_heads), p)
