@@ -93,17 +93,17 @@ def test_wrong_gradient_is_caught():
 
 
 def test_decoder_that_forgets_its_cache_is_caught():
-    from attnzoo.methods.dense import _init_kv_cache, _step
+    from attnzoo.methods.dense import _step, init_kv_cache
     from attnzoo.registry import Decoder
 
     def forgetful_step(call, cache, params):
         return _step(
             call,
-            _init_kv_cache(call.batch, call.kv_heads, call.head_dim, call.value_dim, call.dtype, call.device, params),
+            init_kv_cache(call.batch, call.kv_heads, call.head_dim, call.value_dim, call.dtype, call.device, params),
             params,
         )
 
-    forgetful = dataclasses.replace(DENSE, name="forgetful", decoder=Decoder(_init_kv_cache, forgetful_step))
+    forgetful = dataclasses.replace(DENSE, name="forgetful", decoder=Decoder(init_kv_cache, forgetful_step))
     with registered(forgetful) as spec:
         assert not check_decode(spec, {}).passed
 

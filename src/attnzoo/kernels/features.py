@@ -23,3 +23,12 @@ def feature_map(name: str, x: Tensor) -> Tensor:
     if name == "softmax":
         return torch.softmax(x, dim=-1)
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {name!r}")
+
+
+def check_normalizable(feature_map_name: str, normalize: bool) -> None:
+    """``normalize=True`` needs a non-negative feature map (else the denominator can be 0 or negative)."""
+    if normalize and feature_map_name not in NONNEGATIVE:
+        raise ValueError(
+            f"normalize=True needs a non-negative feature_map {NONNEGATIVE}: {feature_map_name!r} features can "
+            "make the denominator 0 or negative; pass normalize=False"
+        )

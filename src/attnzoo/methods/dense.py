@@ -74,15 +74,17 @@ class KVCache:
         return self.key.nbytes + self.value.nbytes
 
 
-def _init_kv_cache(batch, kv_heads, head_dim, value_dim, dtype, device, params) -> KVCache:
+def init_kv_cache(batch, kv_heads, head_dim, value_dim, dtype, device, params=None) -> KVCache:
+    """An empty KV cache (decoders that keep every key and value)."""
     return KVCache(
         torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device),
         torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device),
     )
 
 
-def _step(call: AttentionCall, cache: KVCache, params: DenseParams) -> tuple[AttentionOutput, KVCache]:
-    """Append the new keys and values, then attend with bottom-right causal alignment."""
+def append_kv(call: AttentionCall, cache: KVCache) -> tuple[AttentionCall, KVCache]:
+    """Append a decode step's keys and values to the cache (checked against it); returns the call
+    over every cached key (bottom-right causal alignment puts the new queries last) and the cache."""
     for name, new, old in (("key", call.key, cache.key), ("value", call.value, cache.value)):
         if new.shape[:2] != old.shape[:2] or new.shape[-1] != old.shape[-1] or new.dtype != old.dtype:
             raise ValueError(
@@ -90,7 +92,12 @@ def _step(call: AttentionCall, cache: KVCache, params: DenseParams) -> tuple[Att
                 f"{list(old.shape[:2])} x {old.shape[-1]} {old.dtype}"
             )
     cache = KVCache(torch.cat([cache.key, call.key], dim=2), torch.cat([cache.value, call.value], dim=2))
-    full = call.replace(key=cache.key, value=cache.value, kv_len=cache.key.shape[2])
+    return call.replace(key=cache.key, value=cache.value, kv_len=cache.key.shape[2]), cache
+
+
+def _step(call: AttentionCall, cache: KVCache, params: DenseParams) -> tuple[AttentionOutput, KVCache]:
+    """Append the new keys and values, then attend with bottom-right causal alignment."""
+    full, cache = append_kv(call, cache)
     backend = select_backend(DENSE, full, params)  # the same dispatch as attention(): tiled past the mask limit
     return backend.run(full, params), cache
 
@@ -131,7 +138,7 @@ DENSE = register(
         ),
         params=DenseParams,
         reference=reference,
-        decoder=Decoder(_init_kv_cache, _step),
+        decoder=Decoder(init_kv_cache, _step),
         backends=(
             Backend("sdpa", _run_sdpa, sdpa_reasons, description="torch.nn.functional.scaled_dot_product_attention"),
             Backend("tiled", _run_tiled, _tiled_reasons, description="online softmax over key blocks, plain PyTorch"),

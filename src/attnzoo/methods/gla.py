@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import AttentionCall
-from ..kernels.features import NONNEGATIVE, feature_map
+from ..kernels.features import check_normalizable, feature_map
 from ..kernels.linear import LinearState
 from ..params import param
 from ..registry import AttentionOutput, Capabilities, Decoder, Method, Paper, register
@@ -49,11 +49,7 @@ class GLAParams(rec.RecurrentParams):
 
     def validate(self) -> None:
         super().validate()
-        if self.normalize and self.feature_map not in NONNEGATIVE:
-            raise ValueError(
-                f"normalize=True needs a non-negative feature_map {NONNEGATIVE}: {self.feature_map!r} features can "
-                "make the denominator 0 or negative; pass normalize=False"
-            )
+        check_normalizable(self.feature_map, self.normalize)
 
 
 def build(call: AttentionCall, p: GLAParams, start: int) -> rec.Recurrence:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..inputs import AttentionCall
-from ..kernels.features import NONNEGATIVE, feature_map
+from ..kernels.features import check_normalizable, feature_map
 from ..params import param
 from ..registry import Capabilities, Method, Paper, register
 from . import _recurrent as rec
@@ -30,11 +30,7 @@ class LinearParams(rec.RecurrentParams):
 
     def validate(self) -> None:
         super().validate()
-        if self.normalize and self.feature_map not in NONNEGATIVE:
-            raise ValueError(
-                f"normalize=True needs a non-negative feature_map {NONNEGATIVE}: {self.feature_map!r} features can "
-                "make the denominator 0 or negative; pass normalize=False"
-            )
+        check_normalizable(self.feature_map, self.normalize)
 
 
 def build(call: AttentionCall, p: LinearParams, start: int) -> rec.Recurrence:

@@ -34,7 +34,7 @@ from ..inputs import AttentionCall
 from ..kernels.masks import dense_visibility
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
-from .dense import KVCache
+from .dense import KVCache, append_kv, init_kv_cache
 
 Q_BLOCK = 128
 
@@ -268,22 +268,12 @@ def _init_kv_cache(batch, kv_heads, head_dim, value_dim, dtype, device, p: Sigmo
             "bias: sigmoid decoding needs a fixed bias; bias=None means -log(Nk), which changes as the "
             "sequence grows (pass e.g. bias=-math.log(expected length))"
         )
-    return KVCache(
-        torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device),
-        torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device),
-    )
+    return init_kv_cache(batch, kv_heads, head_dim, value_dim, dtype, device)
 
 
 def _step(call: AttentionCall, cache: KVCache, p: SigmoidParams) -> tuple[AttentionOutput, KVCache]:
     """Append the new keys and values, then attend with bottom-right causal alignment."""
-    for name, new, old in (("key", call.key, cache.key), ("value", call.value, cache.value)):
-        if new.shape[:2] != old.shape[:2] or new.shape[-1] != old.shape[-1] or new.dtype != old.dtype:
-            raise ValueError(
-                f"{name} {list(new.shape)} {new.dtype} does not match the state's "
-                f"{list(old.shape[:2])} x {old.shape[-1]} {old.dtype}"
-            )
-    cache = KVCache(torch.cat([cache.key, call.key], dim=2), torch.cat([cache.value, call.value], dim=2))
-    full = call.replace(key=cache.key, value=cache.value, kv_len=cache.key.shape[2])
+    full, cache = append_kv(call, cache)
     return _run_blocked(full, p), cache
 
 
