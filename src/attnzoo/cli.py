@@ -1,4 +1,4 @@
-"""The ``attnzoo`` command: list, info, check, explain, docs."""
+"""The ``attnzoo`` command: list, info, check, explain, docs, and the arena's arena, report, compare."""
 
 from __future__ import annotations
 
@@ -167,11 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/methods.md")
     p.add_argument("--check", action="store_true", help="exit 1 if the file is stale instead of writing it")
     p.set_defaults(run=cmd_docs)
+    from .arena.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("arena", "report", "compare"):
+        from .arena.cli import run_command
+
+        return run_command(args)
     try:
         return args.run(args)
     except (ValueError, TypeError) as error:

@@ -117,6 +117,11 @@ class Method:
     (gates, write strengths: tensors with the sequence on dim 2); the conformance suite, the
     bad-input table and the arena merge them into ``test_params``. ``shared_query`` marks a
     method that reads one query token per head (the query must be constant along the sequence).
+    ``budget(call, keys)`` is set by sparse methods: parameters under which a query attends about
+    ``keys`` keys (the arena sweeps it: a fixed count for the speed suite, a fraction of the
+    sequence for the fidelity suite, which measures the density actually reached).
+    ``call_params(call)`` gives defaults that depend on the call for callers that have no choice
+    of their own (the arena, model integrations): cosformer's ``max_len``, say.
     """
 
     name: str
@@ -136,6 +141,8 @@ class Method:
     query_block: Callable[[Any], int] | None = None
     sample_params: Callable[[AttentionCall, torch.Generator], dict[str, Any]] | None = None
     shared_query: bool = False
+    budget: Callable[[AttentionCall, int], dict[str, Any]] | None = None
+    call_params: Callable[[AttentionCall], dict[str, Any]] | None = None
 
     def backend(self, name: str) -> Backend:
         if name == REFERENCE:

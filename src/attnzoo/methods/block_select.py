@@ -44,6 +44,7 @@ somewhat more blocks at a given threshold.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
 from ._selection import block_means, block_valid, causal_blocks, layout_from_selection, num_blocks, top_k_blocks
 from .block_sparse import causal_visibility, reference_layout, run_layout
+from .fixed_sparse import budget_block, mean_visible_keys
 
 CAPABILITIES = Capabilities(causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True)
 
@@ -187,6 +189,18 @@ def _moba_degenerate(call: AttentionCall) -> dict:
     return {"block_size": 16, "top_k": num_blocks(call.kv_len, 16)}
 
 
+def _moba_budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` keys per query: blocks of about ``keys / 4`` (at most 128), ``top_k = keys / block``
+    rounded (causal: plus a half, the diagonal block being half visible); every block (dense) from
+    ``keys >= Nk`` on."""
+    block = budget_block(keys, 4, 128)
+    n_blocks = num_blocks(call.kv_len, block)
+    if keys >= call.kv_len:
+        return {"block_size": block, "top_k": n_blocks}
+    top_k = math.floor(keys / block + (1.0 if call.is_causal else 0.5))
+    return {"block_size": block, "top_k": max(1, min(n_blocks, top_k))}
+
+
 # ----------------------------------------------------------------------------- xattention
 def _strided_scores(call: AttentionCall, p: XAttentionParams) -> Tensor:
     """Float32 ``[B, Hq, nQB * bs/s, nKB * bs/s]``: antidiagonal scores of the stride groups,
@@ -269,6 +283,15 @@ def _xattention_degenerate(call: AttentionCall) -> dict:
     return {"block_size": 16, "stride": 4, "threshold": 1.0}
 
 
+def _xattention_budget(call: AttentionCall, keys: int) -> dict:
+    """A mass threshold cannot fix a key count: ``threshold = keys / M`` (``M`` the keys a query may
+    see on average, ``Nk`` without causality), at most 1 (dense from ``keys >= M`` on), is
+    monotone in ``keys`` and matches the density on flat attention; peaked attention reaches the
+    threshold with fewer blocks. Blocks of about ``keys / 4`` (16 to 128), stride 8."""
+    block = max(16, budget_block(keys, 4, 128))
+    return {"block_size": block, "stride": 8, "threshold": float(min(1.0, keys / mean_visible_keys(call)))}
+
+
 # ----------------------------------------------------------------------------- registration
 MOBA = register(
     Method(
@@ -291,6 +314,7 @@ MOBA = register(
         backends=(Backend("blocks", _moba_run, description="top-k key blocks per query block, block-sparse kernel"),),
         test_params=({"block_size": 16, "top_k": 2}, {"block_size": 8, "top_k": 3}, {"block_size": 12, "top_k": 1}),
         degenerate_params=_moba_degenerate,
+        budget=_moba_budget,
         notes=(
             "Selection is per query block (mean query), not per token as in the paper's gate, as block-sparse "
             "prefill kernels do. Causal diagonal blocks are forced and never scored."
@@ -324,6 +348,7 @@ XATTENTION = register(
             {"block_size": 12, "stride": 3, "threshold": 0.7},
         ),
         degenerate_params=_xattention_degenerate,
+        budget=_xattention_budget,
         notes=(
             "Causal: the softmax of a strided row covers only the key blocks fully visible to its query block "
             "(diagonal blocks are forced and unscored), so no selection depends on future keys."

@@ -133,6 +133,26 @@ def _degenerate(call: AttentionCall) -> dict:
     return {"mask_mod": _everything, "block_size": 16}
 
 
+def _band(keys: int, is_causal: bool):
+    """A ``mask_mod`` where each query sees ``keys`` consecutive keys: the latest ones (causal) or
+    those centred on it."""
+    before = keys - 1 if is_causal else keys // 2
+    after = 0 if is_causal else keys - 1 - before
+
+    def band(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (q_idx - kv_idx <= before) & (kv_idx - q_idx <= after)
+
+    return band
+
+
+def _budget(call: AttentionCall, keys: int) -> dict[str, Any]:
+    """A band of ``keys`` keys per query in blocks of 64, a stand-in layout for timing the engine
+    (every key once ``keys`` covers them)."""
+    if keys >= call.kv_len:
+        return _degenerate(call)
+    return {"mask_mod": _band(keys, call.is_causal), "block_size": 64}
+
+
 BLOCK_SPARSE = register(
     Method(
         name="block_sparse",
@@ -156,6 +176,7 @@ BLOCK_SPARSE = register(
             {"mask_mod": _dilated_band, "block_size": 8},
         ),
         degenerate_params=_degenerate,
+        budget=_budget,
         notes="FlexAttention (Dong et al., 2024) defines the mask_mod and BlockMask conventions followed here.",
         check=check,
     )

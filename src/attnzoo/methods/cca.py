@@ -24,6 +24,7 @@ core sequence: no ``N x N`` tensor anywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from ..kernels.reference import softmax_reference
 from ..kernels.tiles import cached_layout, tile_attention
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from .fixed_sparse import mean_visible_keys
 
 RAW_TILE = 64  # query tile of the raw (local) part
 CORE_BLOCK = (64, 64)  # (queries, core tokens) per block of the core part
@@ -196,6 +198,24 @@ def _degenerate(call: AttentionCall) -> dict:
     return {"group_size": 1}
 
 
+def _budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` scored tokens per query (raw keys plus cores), ``M`` the keys a query may see
+    on average: ``group_size = ceil(2 M / keys)`` gives about ``keys / 2`` cores, and ``window`` the
+    rest as raw keys (non-causal ``2 window + 1``, causal ``window``, each plus the extension to
+    group boundaries: ``g - 1``, causal ``(g - 1) / 2``); ``group_size = 1`` (dense) once
+    ``keys >= M``. The attention weights still cover every key (a core spreads weight over its group)."""
+    visible = mean_visible_keys(call)
+    if keys >= visible:
+        return {"group_size": 1, "window": keys}
+    extension = 0.5 if call.is_causal else 1.0  # raw keys added per unit of group size
+    # more cores than about 2 sqrt(M / extension) only widen the raw part: the cost's minimum
+    group = min(math.ceil(2.0 * visible / keys), round(math.sqrt(visible / extension)))
+    raw = keys - visible / group
+    if call.is_causal:
+        return {"group_size": group, "window": max(1, round(raw - (group - 1) / 2))}
+    return {"group_size": group, "window": max(1, round((raw - group) / 2))}
+
+
 CCA = register(
     Method(
         name="cca",
@@ -224,6 +244,7 @@ CCA = register(
             {"group_size": 5, "window": 7},
         ),
         degenerate_params=_degenerate,
+        budget=_budget,
         notes=(
             "Self-attention only: a core uses the query at its group's last position. The paper fuses the two "
             "attentions; here they share one softmax (every key counted once), so group_size=1 is dense attention."

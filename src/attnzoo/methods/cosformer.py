@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -117,6 +118,11 @@ def reference(call: AttentionCall, p: CosFormerParams):
     return _recurrent_form(call, p)
 
 
+def _call_params(call: AttentionCall) -> dict[str, Any]:
+    """``max_len`` covering the call's keys (causal calls need one; a decoder needs the total length)."""
+    return {"max_len": max(call.q_len, call.kv_len)}
+
+
 COSFORMER = register(
     Method(
         name="cosformer",
@@ -141,6 +147,7 @@ COSFORMER = register(
             {"max_len": 2048, "chunk_size": 16},
             {"max_len": 1100, "chunk_size": 5},
         ),
+        call_params=_call_params,
         decoder=Decoder(_init_state, _decoder.step),
         check=rec.make_check(_feature_dim, _normalize, _check),
         notes=(

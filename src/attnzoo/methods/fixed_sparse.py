@@ -107,6 +107,22 @@ def run_planned(name: str, call: AttentionCall, plan) -> AttentionOutput:
     return AttentionOutput(out, lse if call.return_lse else None)
 
 
+def mean_visible_keys(call: AttentionCall) -> float:
+    """Keys a query may see, averaged over the queries: ``Nk``, or with ``is_causal`` (bottom-right
+    aligned) ``mean_i clamp(i + Nk - Nq + 1, 0, Nk)``. Budgets count in these keys."""
+    if not call.is_causal:
+        return float(call.kv_len)
+    counts = (torch.arange(call.q_len) + call.causal_offset + 1).clamp(0, call.kv_len)
+    return float(counts.sum()) / call.q_len
+
+
+def budget_block(keys: int, blocks: int, largest: int) -> int:
+    """Block size for a budget of ``keys`` keys in about ``blocks`` blocks: the largest power of two
+    at most ``keys / blocks``, within ``[1, largest]`` (powers of two divide the usual lengths, and
+    change rarely as ``keys`` grows, which keeps the attended pairs monotone in ``keys``)."""
+    return min(largest, 1 << (max(1, keys // blocks).bit_length() - 1))
+
+
 def _expand_blocks(blocks: Tensor, n: int, block: int) -> Tensor:
     """Bool ``[..., nB, nB]`` block matrix -> ``[..., n, n]`` element matrix."""
     pos = torch.arange(n, device=blocks.device) // block
@@ -255,6 +271,17 @@ def bigbird_reference(call: AttentionCall, p: BigBirdParams) -> AttentionOutput:
     return reference_layout(call, visible)
 
 
+def _bigbird_budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` keys per query: blocks of about ``keys / 8`` (at most 64), the default window of 3
+    blocks and 1 global block, random blocks for the rest (causal: the diagonal block counts half);
+    from ``keys >= Nk`` on a window over every block (dense)."""
+    block = budget_block(keys, 8, 64)
+    if keys >= call.kv_len:
+        return {"block_size": block, "window": 2 * num_blocks(call.kv_len, block) + 1}
+    fixed = 2.5 if call.is_causal else 5.0  # window blocks (causal: 1.5) + global blocks (causal: 1)
+    return {"block_size": block, "window": 3, "global_blocks": 1, "random_blocks": max(0, round(keys / block - fixed))}
+
+
 def _bigbird_run(call: AttentionCall, p: BigBirdParams) -> AttentionOutput:
     return run_planned("bigbird", call, _bigbird_plan(call, p))
 
@@ -283,6 +310,7 @@ BIGBIRD = register(
             {"block_size": 8, "window": 5, "global_blocks": 0, "random_blocks": 3},
         ),
         degenerate_params=lambda call: {"window": 2 * num_blocks(call.kv_len, 64) + 1},
+        budget=_bigbird_budget,
         notes=(
             "Causal: only the first `global_blocks` are global (a global last block would make a query's "
             "output depend on the sequence length), and random blocks are drawn from the allowed past blocks."
@@ -345,6 +373,19 @@ def _subsampled_layout(call: AttentionCall, p: SubsampledParams) -> BlockLayout:
     return cached_layout(("subsampled", p, call.q_len, call.is_causal, str(call.device)), build)
 
 
+def _subsampled_budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` keys per query (in expectation): blocks of about ``Nk / 16`` (at most 64),
+    fixed for the call so that a larger ``keep`` keeps a superset of the blocks (the draw is a
+    threshold on fixed hashes), and ``keep`` the share of the other visible keys still needed
+    beyond the own block (causal: half of it visible on average); 1 (dense) once ``keys`` covers
+    every visible key."""
+    block = budget_block(call.kv_len, 16, 64)
+    own = block / 2 if call.is_causal else block
+    rest = mean_visible_keys(call) - own
+    keep = 1.0 if rest <= 0 else min(1.0, max(keys - own, 1.0) / rest)
+    return {"block_size": block, "keep": float(keep)}
+
+
 def _subsampled_run(call: AttentionCall, p: SubsampledParams) -> AttentionOutput:
     layout = _subsampled_layout(call, p)
     if stats.active():
@@ -376,6 +417,7 @@ SUBSAMPLED = register(
             {"keep": 0.5, "block_size": 8, "training": False},
         ),
         degenerate_params=lambda call: {"keep": 1.0},
+        budget=_subsampled_budget,
     )
 )
 
@@ -385,8 +427,10 @@ __all__ = [
     "BigBirdParams",
     "SubsampledParams",
     "bigbird_layout",
+    "budget_block",
     "global_query_layout",
     "hashed_bits",
+    "mean_visible_keys",
     "random_blocks",
     "run_planned",
     "run_with_global_queries",

@@ -16,6 +16,7 @@ Semantics (NATTEN's, checked against ``natten`` where it is installed), per axis
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,27 @@ def _visible(x: Tensor, y: Tensor, size: int, axis: int, call: AttentionCall, p:
     return same_group & (gy >= centre - left) & (gy <= centre + right)
 
 
+def budget_extents(shape: tuple[int, ...], keys: int) -> tuple[int, ...]:
+    """Per-axis sizes ``min(extent, round(t))`` with ``t`` the solution of ``prod(min(extent, t)) =
+    keys``: about ``keys`` positions in all, a cube where the extents allow, each size
+    non-decreasing in ``keys``, the whole map from ``keys >= prod(shape)`` on. The spatial methods'
+    budgets (``neighborhood``, ``blocked_local``, ``window``) share it."""
+    remaining, t = float(keys), float(max(shape))
+    for done, extent in enumerate(sorted(shape)):
+        edge = remaining ** (1.0 / (len(shape) - done))
+        if edge <= extent:
+            t = edge
+            break
+        remaining /= extent
+    return tuple(max(1, min(extent, math.floor(t + 0.5))) for extent in shape)
+
+
+def _budget(call: AttentionCall, keys: int) -> dict:
+    """A kernel of about ``keys`` positions (:func:`budget_extents`): every query sees exactly
+    ``prod(kernel_size)`` keys (causal: at most); the whole map (dense) from ``keys >= N`` on."""
+    return {"kernel_size": budget_extents(call.spatial_shape, keys)}
+
+
 def reference(call: AttentionCall, p: NeighborhoodParams) -> AttentionOutput:
     """Dense softmax under the [N, N] mask built pairwise from NATTEN's definition, per axis."""
     return reference_spatial(call, p, _visible)
@@ -137,6 +159,7 @@ NEIGHBORHOOD = register(
         backends=(Backend("tiles", _run_tiles, description="query tiles over their neighbourhood box"),),
         test_params=({"kernel_size": 3}, {"kernel_size": 2, "dilation": 2, "stride": 2}),
         degenerate_params=lambda call: {"kernel_size": tuple(call.spatial_shape)},
+        budget=_budget,
         notes=(
             "Dilated NA: DiNAT (Hassani & Shi, 2022); stride: Generalized Neighborhood Attention (2025); "
             "kernels: Faster Neighborhood Attention (2024)."
@@ -145,4 +168,4 @@ NEIGHBORHOOD = register(
     )
 )
 
-__all__ = ["NEIGHBORHOOD", "NeighborhoodParams"]
+__all__ = ["NEIGHBORHOOD", "NeighborhoodParams", "budget_extents"]

@@ -39,6 +39,7 @@ from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
 from ._selection import block_means, num_blocks, top_k_blocks
 from .block_sparse import causal_visibility, reference_layout
+from .fixed_sparse import budget_block
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,18 @@ def _degenerate(call: AttentionCall) -> dict:
     return {"block_size": 8, "segment": 16, "top_k": num_blocks(call.kv_len, 8)}
 
 
+def _budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` keys per query: blocks of about ``keys / 8`` (at most 64) in segments of 4 blocks,
+    ``top_k`` blocks of other segments for the keys the own segment leaves (causal: half of it is
+    visible on average); every block (dense) from ``keys >= Nk`` on."""
+    block = budget_block(keys, 8, 64)
+    segment = 4 * block
+    if keys >= call.kv_len:
+        return {"block_size": block, "segment": segment, "top_k": num_blocks(call.kv_len, block)}
+    own = segment / 2 if call.is_causal else segment
+    return {"block_size": block, "segment": segment, "top_k": max(0, round((keys - own) / block))}
+
+
 PBS = register(
     Method(
         name="pbs",
@@ -201,6 +214,7 @@ PBS = register(
             {"block_size": 2, "segment": 4, "top_k": 1},
         ),
         degenerate_params=_degenerate,
+        budget=_budget,
         query_block=lambda p: p.block_size,
         notes=(
             "Self-attention only (segments are shared by queries and keys). A key's importance is scored against "

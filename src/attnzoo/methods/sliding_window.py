@@ -132,6 +132,14 @@ def _degenerate(call: AttentionCall) -> dict:
     return {"window": (None, None)}
 
 
+def _budget(call: AttentionCall, keys: int) -> dict:
+    """A band of ``keys`` keys: ending at the query (causal) or centred on it; unbounded (dense)
+    from ``keys >= Nk`` on."""
+    if keys >= call.kv_len:
+        return _degenerate(call)
+    return {"window": (keys - 1, 0) if call.is_causal else (keys // 2, (keys - 1) // 2)}
+
+
 SLIDING_WINDOW = register(
     Method(
         name="sliding_window",
@@ -151,6 +159,7 @@ SLIDING_WINDOW = register(
         backends=(Backend("tiles", _run_tiles, description="query tiles over their key span (flash kernel on CPU)"),),
         test_params=({"window": (5, 3)}, {"window": (17, 0), "sinks": 2}, {"window": (3, 2), "dilation": 3}),
         degenerate_params=_degenerate,
+        budget=_budget,
         notes="Sinks follow StreamingLLM (Xiao et al., 2023); dilation follows Longformer's dilated windows.",
     )
 )

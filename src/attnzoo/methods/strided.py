@@ -27,6 +27,7 @@ Cost: O(N s) for the local part plus O(N^2 / s) (strided) or O(N^2 c / s) (fixed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,7 +44,7 @@ from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Method, Paper, register
 from ._selection import num_blocks
 from .block_sparse import causal_visibility, reference_layout
-from .fixed_sparse import CAPABILITIES, global_query_layout, run_planned
+from .fixed_sparse import CAPABILITIES, global_query_layout, mean_visible_keys, run_planned
 
 BLOCK = 64  # block size of every layout here (a tuning knob, not a parameter)
 
@@ -254,6 +255,19 @@ def _degenerate(call: AttentionCall) -> dict:
     return {"stride": call.kv_len, "summary": 1}
 
 
+def _budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` keys per query in mode ``"strided"``: a query sees ``K(s) = a s + M / s`` keys
+    (the band, ``a = 2`` or causal 1, plus every ``s``-th of the ``M`` visible ones); ``s`` is the
+    larger root of ``K(s) = keys`` (increasing in ``keys``), the minimum ``sqrt(M / a)`` where
+    ``keys`` is below ``K``'s minimum; ``stride = Nk`` (dense) from ``keys >= Nk`` on."""
+    if keys >= call.kv_len:
+        return {"mode": "strided", **_degenerate(call)}
+    band, visible = (1.0 if call.is_causal else 2.0), mean_visible_keys(call)
+    disc = max(keys * keys - 4.0 * band * visible, 0.0)
+    stride = max(math.sqrt(visible / band), (keys + math.sqrt(disc)) / (2.0 * band))
+    return {"mode": "strided", "stride": max(1, min(call.kv_len, round(stride)))}
+
+
 STRIDED = register(
     Method(
         name="strided",
@@ -280,6 +294,7 @@ STRIDED = register(
             {"mode": "fixed", "stride": 16, "summary": 16},
         ),
         degenerate_params=_degenerate,
+        budget=_budget,
         notes="`summary` is the c of the paper's fixed pattern; it is ignored by mode='strided'.",
     )
 )
@@ -360,6 +375,14 @@ def _build_longformer(call: AttentionCall, p: LongformerParams):
     return main, rows, global_query_layout(rows, n, bs, call.is_causal)
 
 
+def _longformer_budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` keys per query: ``window = keys - 1`` (causal) or ``(keys - 1) // 2`` each side,
+    global token 0 kept; ``window = Nk`` (dense) from ``keys >= Nk`` on."""
+    if keys >= call.kv_len:
+        return {"window": call.kv_len}
+    return {"window": keys - 1 if call.is_causal else (keys - 1) // 2}
+
+
 def _longformer_run(call: AttentionCall, p: LongformerParams) -> AttentionOutput:
     return run_planned("longformer", call, _longformer_plan(call, p))
 
@@ -387,6 +410,7 @@ LONGFORMER = register(
             {"window": 0, "block_size": 8},
         ),
         degenerate_params=lambda call: {"window": call.kv_len},
+        budget=_longformer_budget,
         notes="Longformer's dilated windows are sliding_window's `dilation`; this method has none.",
         check=_longformer_check,
     )

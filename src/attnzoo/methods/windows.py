@@ -26,6 +26,7 @@ from ..kernels.intervals import Axis
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
 from ._spatial import per_axis, reference_spatial, require, run_spatial
+from .neighborhood import budget_extents
 
 
 def _positive(name: str, values: int | tuple[int, ...], minimum: int) -> None:
@@ -81,6 +82,21 @@ def blocked_reference(call: AttentionCall, p: BlockedLocalParams) -> AttentionOu
     return reference_spatial(call, p, _blocked_visible)
 
 
+def _blocked_budget(call: AttentionCall, keys: int) -> dict:
+    """About ``keys`` keys per query: per axis a span ``T`` of :func:`budget_extents` (causal:
+    ``2 t - 1``, of which a query sees ``(T + 1) / 2`` on average) split as HaloNet's default
+    8 : 3 (``halo = 3 T // 14``, ``block_size = T - 2 halo``); one block (dense) from ``keys >= N`` on."""
+    if keys >= call.kv_len:
+        return {"block_size": tuple(call.spatial_shape), "halo": 0}
+    blocks, halos = [], []
+    for extent, t in zip(call.spatial_shape, budget_extents(call.spatial_shape, keys)):
+        span = 2 * t - 1 if call.is_causal else t
+        halo = 0 if span >= extent else 3 * span // 14
+        blocks.append(min(extent, span - 2 * halo))
+        halos.append(halo)
+    return {"block_size": tuple(blocks), "halo": tuple(halos)}
+
+
 BLOCKED_LOCAL = register(
     Method(
         name="blocked_local",
@@ -104,6 +120,7 @@ BLOCKED_LOCAL = register(
         ),
         test_params=({"block_size": 4, "halo": 1}, {"block_size": 3, "halo": 0}),
         degenerate_params=lambda call: {"block_size": tuple(call.spatial_shape), "halo": 0},
+        budget=_blocked_budget,
         check=_check_blocked,
     )
 )
@@ -196,6 +213,7 @@ WINDOW = register(
         ),
         test_params=({"window_size": 4, "shift": 2}, {"window_size": 3}),
         degenerate_params=lambda call: {"window_size": tuple(call.spatial_shape), "shift": 0},
+        budget=lambda call, keys: {"window_size": budget_extents(call.spatial_shape, keys), "shift": 0},
         notes="DaViT's spatial windows are this pattern without the shift.",
         check=_check_window,
     )
