@@ -61,7 +61,8 @@ def efficiency_length(
     Fits the baseline's times with a quadratic in N (all points) and the method's with a line
     (dropping the smallest N when there are at least 4 points, as CAB drops L=256), and returns the
     smallest positive N where the line goes below the quadratic, searched up to
-    ``SANE_RANGE_FACTOR`` x the largest measured N.
+    ``SANE_RANGE_FACTOR`` x the largest measured N (and not below the smallest measured N when the
+    method was measured slower there).
 
     Args:
         ns: `[P]` sequence lengths.
@@ -98,7 +99,11 @@ def efficiency_length(
     # Test the sign of the gap between consecutive roots, not at them: touching roots do not count,
     # nor a gap within rounding of the fits' intercepts (a root near 0 from fitting exact curves).
     tolerance = 1e-9 * float(baseline.max())
-    edges = [0.0, *roots, upper]
+    # A method measured slower at the smallest N is not credited with a crossing below it that
+    # only the fits' intercepts make (three points and a line through a convex curve).
+    order = np.argsort(n)
+    lower = float(n.min()) if method[order[0]] > baseline[order[0]] else 0.0
+    edges = [lower, *(r for r in roots if r > lower), upper]
     for start, stop in itertools.pairwise(edges):
         if stop > start and np.polyval(gap, (start + stop) / 2) > tolerance:
             return EfficiencyLength(start, not float(n.min()) <= start <= float(n.max()))

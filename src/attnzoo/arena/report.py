@@ -169,7 +169,12 @@ def _speed_table(pass_: str, rows: Sequence[Row], series: dict[SeriesKey, Series
             found = series.get(key)
             ratios = dict(zip(found.ns, found.ratios())) if found else {}
             length = found.efficiency_length() if found else None
-            length_text = "—" if length is None else f"{length.length:,.0f}" + (" (extrapolated)" * length.extrapolated)
+            if length is None:
+                length_text = "—"
+            elif found and length.length < min(found.ns):
+                length_text = f"< {min(found.ns):,} (faster throughout)"
+            else:
+                length_text = f"{length.length:,.0f}" + (" (extrapolated)" * length.extrapolated)
             roofline = found.values("roofline")[-1] if found else None
             errors = [v for v in (number(row.values.get("check_error")) for row in groups[key]) if v is not None]
             table_rows.append(
@@ -346,6 +351,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(data)
+        # mkstemp creates the file private (0600); a report is for reading, as any new file is.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +58,23 @@ class SpeedConfig:
     keys: int = 256
     check_n: int = 1024
     all_backends: bool = True
+    max_call_s: float = 30.0
     seed: int = 0
 
 
-QUICK = SpeedConfig(sizes=(512, 1024, 2048, 4096), heads=4, rounds=5, all_backends=False)
+QUICK = SpeedConfig(sizes=(512, 1024, 2048), heads=4, rounds=3, check_n=512, all_backends=False, max_call_s=0.5)
+
+
+class TooSlow(Exception):
+    """A call slower than ``SpeedConfig.max_call_s``: the cell keeps its first-call time only."""
+
+
+# Calls already found too slow, per (method, variant, mode, pass): larger N are not attempted.
+_TOO_SLOW: dict[tuple, tuple[int, float]] = {}
+# SDPA's extra peak memory per (N, causal, pass), measured once.
+_SDPA_PEAKS: dict[tuple, int] = {}
+# First-call times measured while checking a peer (compilation happens there), per shape.
+_FIRST_CALLS: dict[tuple, float] = {}
 
 
 def _shape(config: SpeedConfig, n: int, causal: bool, pass_: str) -> dict[str, Any]:
@@ -161,21 +175,43 @@ def check_error(spec: Method, backend: str, causal: bool, config: SpeedConfig, n
     return err, bound
 
 
-def _time_cell(compute, leaves, sdpa_compute, sdpa_leaves, pass_: str, rounds: int) -> dict[str, Any]:
-    if pass_ == "fwd":
+def _slow_key(cell: Cell) -> tuple:
+    return (cell.method, cell.variant, cell.shape["causal"], cell.shape["pass"])
+
+
+def _time_cell(cell: Cell, config: SpeedConfig, compute, leaves, sdpa_compute, sdpa_leaves) -> dict[str, Any]:
+    if cell.shape["pass"] == "fwd":
         fn, sdpa_fn = inference(compute), inference(sdpa_compute)
     else:
         fn, sdpa_fn = training_step(compute, leaves), training_step(sdpa_compute, sdpa_leaves)
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
+    # A slow first call may be compilation: only a slow second call counts.
+    again = first
+    if first > config.max_call_s:
+        start = time.perf_counter()
+        fn()
+        again = time.perf_counter() - start
+    if again > config.max_call_s:
+        _TOO_SLOW[_slow_key(cell)] = (cell.shape["N"], again)
+        raise TooSlow(f"one call took {again:.2f} s, over the {config.max_call_s} s per call of these settings")
+    first = max(first, _FIRST_CALLS.pop((cell.method, cell.shape["N"], cell.shape["causal"]), 0.0))
+    rounds = config.rounds
     a = torch.randn(MATMUL_N, MATMUL_N)
     b = torch.randn(MATMUL_N, MATMUL_N)
     # Calls that take seconds get fewer rounds (at least 3), so one cell stays under a minute.
     rounds = max(3, min(rounds, int(20 / max(first, 1e-3))))
-    stats = interleaved({"method": fn, "sdpa": sdpa_fn, "matmul": lambda: a @ b}, rounds=rounds, warmup=1)
+    # The method is warm from its first call; SDPA and the matmul get one warm-up call each.
+    sdpa_fn()
+    a @ b
+    stats = interleaved({"method": fn, "sdpa": sdpa_fn, "matmul": lambda: a @ b}, rounds=rounds, warmup=0)
     peak, how = peak_extra_bytes(fn)
-    sdpa_peak, _ = peak_extra_bytes(sdpa_fn)
+    # SDPA's peak at this shape is measured once per process (in its own cell, which runs first).
+    shape_key = (cell.shape["N"], cell.shape["causal"], cell.shape["pass"])
+    if shape_key not in _SDPA_PEAKS:
+        _SDPA_PEAKS[shape_key] = peak if cell.method == SDPA else peak_extra_bytes(sdpa_fn)[0]
+    sdpa_peak = _SDPA_PEAKS[shape_key]
     m, s, mm = stats["method"], stats["sdpa"], stats["matmul"]
     return {
         "median_s": m.median,
@@ -220,7 +256,7 @@ def _finish(values: dict[str, Any], flops_fwd: float, pass_: str) -> dict[str, A
 def _measure_sdpa(cell: Cell, config: SpeedConfig) -> dict[str, Any]:
     s = cell.shape
     tensors, leaves, sdpa, sdpa_leaves = _prepare(cell, config, None, {})
-    values = _time_cell(_sdpa_compute(*tensors, s["causal"]), leaves, sdpa, sdpa_leaves, s["pass"], config.rounds)
+    values = _time_cell(cell, config, _sdpa_compute(*tensors, s["causal"]), leaves, sdpa, sdpa_leaves)
     values.update(family="exact", check_error=0.0, keys=None)
     return _finish(values, forward_flops(None, s["B"], s["H"], s["N"], s["D"], s["causal"]), s["pass"])
 
@@ -248,7 +284,7 @@ def _measure_method(cell: Cell, config: SpeedConfig) -> dict[str, Any]:
         inference(compute)()
     densities = [r["density"] for r in recorded if "density" in r]
     density = sum(densities) / len(densities) if densities else None
-    values = _time_cell(compute, leaves, sdpa, sdpa_leaves, s["pass"], config.rounds)
+    values = _time_cell(cell, config, compute, leaves, sdpa, sdpa_leaves)
     values.update(base, params=describe_params(params), density=density)
     fwd = forward_flops(spec, s["B"], s["H"], s["N"], s["D"], s["causal"], keys=keys, density=density)
     return _finish(values, fwd, s["pass"])
@@ -277,7 +313,9 @@ def _peer_check(peer, spec: Method | None, causal: bool, config: SpeedConfig, n:
         else:
             gold = attention(q, k, v, is_causal=causal, method="dense", backend="reference")
         low = [t.float() for t in (q, k, v)]
+        start = time.perf_counter()
         found = peer.build(*low, is_causal=causal, params=_cast(params, torch.float32))()
+        _FIRST_CALLS[(PEER_PREFIX + peer.name, n, causal)] = time.perf_counter() - start
         err = (found.double() - gold).abs().max().item() / max(1.0, gold.abs().max().item())
         _CHECKS[key] = (err if math.isfinite(err) else math.inf, PEER_BOUND)
     return _CHECKS[key][0]
@@ -303,7 +341,7 @@ def _measure_peer(cell: Cell, config: SpeedConfig) -> dict[str, Any]:
         compute = peer.build(*tensors, is_causal=s["causal"], params=params)
     except ValueError as error:
         return {**base, "status": "unsupported", "message": str(error)[:2000]}
-    values = _time_cell(compute, leaves, sdpa, sdpa_leaves, s["pass"], config.rounds)
+    values = _time_cell(cell, config, compute, leaves, sdpa, sdpa_leaves)
     values.update(base, keys=keys, params=describe_params(params))
     if spec is None:
         fwd = forward_flops(None, s["B"], s["H"], s["N"], s["D"], s["causal"])
@@ -312,16 +350,33 @@ def _measure_peer(cell: Cell, config: SpeedConfig) -> dict[str, Any]:
     return _finish(values, fwd, s["pass"])
 
 
+def _quiet(fn):
+    """``fn`` with warnings silenced (peer libraries warn about deprecations on every call)."""
+
+    def run(*args: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args)
+
+    return run
+
+
 def measure(cell: Cell, config: SpeedConfig) -> dict[str, Any]:
     """Measure one speed cell (see the module docstring); errors become ``"error"`` values."""
     if cell.method == SDPA:
         family, run = "exact", _measure_sdpa
     elif cell.method.startswith(PEER_PREFIX):
-        family, run = "peer", _measure_peer
+        family, run = "peer", _quiet(_measure_peer)
     else:
         family, run = get_method(cell.method).family, _measure_method
+    slow = _TOO_SLOW.get(_slow_key(cell))
+    if slow is not None and slow[0] < cell.shape["N"]:
+        message = f"not run: one call already took {slow[1]:.2f} s at N={slow[0]} (limit {config.max_call_s} s)"
+        return {"family": family, "status": "too_slow", "message": message}
     try:
         values = run(cell, config)
+    except TooSlow as error:
+        values = {"status": "too_slow", "message": str(error), "first_call_s": _TOO_SLOW[_slow_key(cell)][1]}
     except NoBackendError as error:
         values = {"status": "unsupported", "message": str(error)[:2000]}
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
