@@ -239,7 +239,8 @@ def sdpa_series(rows: Iterable[Row], pass_: str, causal: bool) -> tuple[list[int
     series = speed_series(rows)
     for key, found in series.items():
         if key.method == "sdpa" and key.pass_ == pass_ and key.causal == causal:
-            return found.ns, [t for t in found.values("median_s") if t is not None]
+            pairs = [(n, t) for n, t in zip(found.ns, found.values("median_s")) if t is not None]
+            return [n for n, _ in pairs], [t for _, t in pairs]
     samples: dict[int, list[float]] = {}
     for found in series.values():
         if found.key.pass_ == pass_ and found.key.causal == causal:

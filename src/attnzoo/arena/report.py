@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import tempfile
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from .analysis import (
     method_families,
     number,
     scaling_exponent,
+    sdpa_series,
     speed_key,
     speed_series,
 )
@@ -154,13 +154,7 @@ def _speed_table(pass_: str, rows: Sequence[Row], series: dict[SeriesKey, Series
         groups.setdefault(speed_key(row), []).append(row)  # type: ignore[arg-type]
     table_rows = []
     for causal in sorted({key.causal for key in groups}):
-        sdpa: dict[int, list[float]] = {}
-        for found in series.values():
-            if found.key.pass_ == pass_ and found.key.causal == causal:
-                for n, t in zip(found.ns, found.values("sdpa_median_s")):
-                    if t is not None:
-                        sdpa.setdefault(n, []).append(t)
-        sdpa_s = {n: statistics.median(times) for n, times in sdpa.items()}
+        sdpa_s = dict(zip(*sdpa_series(rows, pass_, causal)))
         sdpa_ms = [_fmt(sdpa_s[n] * 1e3, ".3g", suffix=" ms") if n in sdpa_s else "—" for n in ns]
         exponent = _fmt(scaling_exponent(sorted(sdpa_s), [sdpa_s[n] for n in sorted(sdpa_s)]), ".2f")
         sdpa_row = (Text("SDPA time", "muted"), "exact", "default", _mode(causal), *sdpa_ms, "—", exponent)
