@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 		|| echo "natten (optional peer) did not install: the NATTEN comparison tests will be skipped"
 	touch $(STAMP)
 
-# optional peer libraries for the benchmarks' baselines (flash-linear-attention; large: triton)
+# optional peer libraries for the arena's baselines (natten, the lucidrains packages,
+# flash-linear-attention; large: triton); --no-build-isolation: natten builds against the installed torch
 peers: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[peers]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt -e ".[peers]"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
