@@ -269,3 +269,15 @@ def test_html_renders_in_headless_chromium(report, tmp_path: Path) -> None:
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     pixels = matplotlib.image.imread(shot)
     assert pixels.std() > 0.02, "the screenshot is blank"
+
+
+def test_efficiency_length_reads_a_measured_crossing() -> None:
+    # Measured ratios of a method that is not linear in N (delta's training step, full run):
+    # the crossing lies between 4096 and 8192, where the ratio passes 1, whatever a line fit says.
+    ns = (512, 1024, 2048, 4096, 8192)
+    ratios = (1.58, 1.65, 1.26, 1.12, 0.96)
+    found = efficiency_length(ns, [r * _sdpa_time(n) for r, n in zip(ratios, ns)], [_sdpa_time(n) for n in ns])
+    assert found is not None and not found.extrapolated
+    expected = math.exp(math.log(4096) + math.log(1.12) / (math.log(1.12) - math.log(0.96)) * math.log(2))
+    assert found.length == pytest.approx(expected, rel=1e-9)
+    assert 4096 < found.length < 8192

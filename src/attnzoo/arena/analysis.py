@@ -33,11 +33,11 @@ def number(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class EfficiencyLength:
-    """Where a method's fitted time curve drops below the baseline's (CAB's efficiency length).
+    """Where a method's time drops below the baseline's.
 
-    ``length``: the smallest sequence length N > 0 from which the method's fit is faster
-    (0.0 when the fits say the method is faster from the start). ``extrapolated``: True when
-    ``length`` lies outside the measured range ``[min N, max N]``.
+    ``length``: the smallest sequence length N from which the method is faster (0.0 when it is
+    faster at every measured N). ``extrapolated``: True unless ``length`` was read between two
+    measured lengths (0.0, or a crossing beyond the measured range from CAB's fits).
     """
 
     length: float
@@ -56,13 +56,16 @@ def _finite_points(ns: Sequence[float], *series: Sequence[Any]) -> list[tuple[fl
 def efficiency_length(
     ns: Sequence[float], method_times: Sequence[Any], baseline_times: Sequence[Any]
 ) -> EfficiencyLength | None:
-    """CAB's efficiency length of a method against a baseline measured at the same lengths.
+    """The efficiency length of a method against a baseline measured at the same lengths: the
+    smallest N from which the method is faster.
 
-    Fits the baseline's times with a quadratic in N (all points) and the method's with a line
-    (dropping the smallest N when there are at least 4 points, as CAB drops L=256), and returns the
-    smallest positive N where the line goes below the quadratic, searched up to
-    ``SANE_RANGE_FACTOR`` x the largest measured N (and not below the smallest measured N when the
-    method was measured slower there).
+    Where the measurements cross (slower at some N, faster at every larger measured N), it is
+    read from them: the crossing of the time ratio interpolated in log-log between the two
+    measured lengths around it. A method faster at every measured N gets 0.0 (flagged
+    extrapolated). A method slower at the largest measured N gets CAB's fit: the baseline's times
+    fitted with a quadratic in N, the method's with a line (dropping the smallest N when there are
+    at least 4 points, as CAB drops L=256), and the smallest N beyond the measured range where the
+    line goes below the quadratic, searched up to ``SANE_RANGE_FACTOR`` x the largest measured N.
 
     Args:
         ns: `[P]` sequence lengths.
@@ -87,6 +90,17 @@ def efficiency_length(
     n = np.array([p[0] for p in points])
     method = np.array([p[1] for p in points])
     baseline = np.array([p[2] for p in points])
+    order = np.argsort(n)
+    n, method, baseline = n[order], method[order], baseline[order]
+    faster = method < baseline
+    if faster.all():
+        return EfficiencyLength(0.0, True)
+    if faster[-1]:
+        last_slower = int(np.flatnonzero(~faster)[-1])
+        log_n = np.log(n[last_slower : last_slower + 2])
+        log_ratio = np.log(method[last_slower : last_slower + 2] / baseline[last_slower : last_slower + 2])
+        t = log_ratio[0] / (log_ratio[0] - log_ratio[1])
+        return EfficiencyLength(float(np.exp(log_n[0] + t * (log_n[1] - log_n[0]))), False)
     quadratic = np.polyfit(n, baseline, 2)
     fit_from = 1 if len(points) >= 4 else 0
     line = np.polyfit(n[fit_from:], method[fit_from:], 1)
@@ -99,14 +113,12 @@ def efficiency_length(
     # Test the sign of the gap between consecutive roots, not at them: touching roots do not count,
     # nor a gap within rounding of the fits' intercepts (a root near 0 from fitting exact curves).
     tolerance = 1e-9 * float(baseline.max())
-    # A method measured slower at the smallest N is not credited with a crossing below it that
-    # only the fits' intercepts make (three points and a line through a convex curve).
-    order = np.argsort(n)
-    lower = float(n.min()) if method[order[0]] > baseline[order[0]] else 0.0
+    # Slower at the largest measured N: only a crossing beyond it counts.
+    lower = float(n.max())
     edges = [lower, *(r for r in roots if r > lower), upper]
     for start, stop in itertools.pairwise(edges):
         if stop > start and np.polyval(gap, (start + stop) / 2) > tolerance:
-            return EfficiencyLength(start, not float(n.min()) <= start <= float(n.max()))
+            return EfficiencyLength(start, True)
     return None
 
 
