@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnzoo
 from attnzoo.methods import aaren
-from attnzoo.testing.helpers import assert_refused
+from attnzoo.testing.helpers import LargestAllocation, assert_refused
 
 SETTINGS = [  # (Nq, Nk, q_heads, kv_heads, padded)
     (23, 23, 2, 2, False),
@@ -169,21 +167,6 @@ def test_varying_queries_are_refused():
         attnzoo.step(torch.cat([token, token + 1], 2), k[:, :, 1:3], v[:, :, 1:3], state)
     with pytest.raises(ValueError, match="value"):
         attnzoo.step(token, k[:, :, 1:2], v[:, :, 1:2, :5], state)
-
-
-class LargestAllocation(TorchDispatchMode):
-    """The largest storage (in elements of 4 bytes) any op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // 4)
-        return out
 
 
 def test_scan_never_allocates_an_n_by_n_tensor():

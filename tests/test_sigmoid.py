@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnzoo
 from attnzoo.methods import sigmoid
-from attnzoo.testing.helpers import assert_refused, assert_trains
+from attnzoo.testing.helpers import LargestAllocation, assert_refused, assert_trains
 
 SETTINGS = [  # (Nq, Nk, q_heads, kv_heads, causal, masks)
     (13, 13, 2, 2, True, ""),
@@ -123,21 +121,6 @@ def test_blocked_matches_the_reference_in_float32_at_n_1000(causal):
     for fast, ref, gold in zip(results["fast"], results["ref"], results["gold"]):
         err, ref_err = (fast - gold).abs().max().item(), (ref - gold).abs().max().item()
         assert err <= max(2e-6 * gold.abs().max().item(), 4 * ref_err), (err, ref_err)
-
-
-class LargestAllocation(TorchDispatchMode):
-    """The largest storage (in elements of 4 bytes) any op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // 4)
-        return out
 
 
 @pytest.mark.parametrize("causal", [True, False])

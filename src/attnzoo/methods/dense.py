@@ -31,16 +31,18 @@ class DenseParams(MethodParams):
 
 def reference(call: AttentionCall, params: DenseParams) -> AttentionOutput:
     """softmax(q k^T * scale + attn_mask, hidden keys removed) @ v, every score materialised."""
-    out, lse = softmax_reference(call, dense_visibility(call), _float_mask(call))
+    out, lse = softmax_reference(call, dense_visibility(call), float_mask(call))
     return AttentionOutput(out, lse if call.return_lse else None)
 
 
-def _float_mask(call: AttentionCall) -> Tensor | None:
+def float_mask(call: AttentionCall) -> Tensor | None:
+    """The call's ``attn_mask`` when it is a float bias (added to the scores), else None."""
     mask = call.attn_mask
     return mask if mask is not None and mask.dtype != torch.bool else None
 
 
-def _bool_mask(call: AttentionCall) -> Tensor | None:
+def bool_mask(call: AttentionCall) -> Tensor | None:
+    """The call's ``attn_mask`` when it is boolean (True: visible), else None."""
     mask = call.attn_mask
     return mask if mask is not None and mask.dtype == torch.bool else None
 
@@ -57,8 +59,8 @@ def _run_tiled(call: AttentionCall, params: DenseParams) -> AttentionOutput:
         scale=call.scale,
         is_causal=call.is_causal,
         kv_mask=call.kv_mask,
-        mask=_bool_mask(call),
-        bias=_float_mask(call),
+        mask=bool_mask(call),
+        bias=float_mask(call),
     )
     return AttentionOutput(out, lse if call.return_lse else None)
 

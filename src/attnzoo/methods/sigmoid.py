@@ -34,7 +34,7 @@ from ..inputs import AttentionCall
 from ..kernels.masks import dense_visibility
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
-from .dense import KVCache, append_kv, init_kv_cache
+from .dense import KVCache, append_kv, bool_mask, float_mask, init_kv_cache
 
 Q_BLOCK = 128
 
@@ -53,24 +53,14 @@ def logit_bias(p: SigmoidParams, kv_len: int) -> float:
     return -math.log(kv_len) if p.bias is None else p.bias
 
 
-def _float_mask(call: AttentionCall) -> Tensor | None:
-    mask = call.attn_mask
-    return mask if mask is not None and mask.dtype != torch.bool else None
-
-
-def _bool_mask(call: AttentionCall) -> Tensor | None:
-    mask = call.attn_mask
-    return mask if mask is not None and mask.dtype == torch.bool else None
-
-
 def reference(call: AttentionCall, p: SigmoidParams) -> AttentionOutput:
     """sigmoid(q k^T * scale + b + float attn_mask) @ v with hidden keys weighted 0, every logit
     materialised in the input dtype."""
     k = call.key.repeat_interleave(call.groups, dim=1)
     v = call.value.repeat_interleave(call.groups, dim=1)
     logits = torch.matmul(call.query, k.transpose(-1, -2)) * call.scale + logit_bias(p, call.kv_len)
-    if _float_mask(call) is not None:
-        logits = logits + _float_mask(call)
+    if float_mask(call) is not None:
+        logits = logits + float_mask(call)
     weights = torch.sigmoid(logits)
     visible = dense_visibility(call)
     if visible is not None:
@@ -253,8 +243,8 @@ def _run_blocked(call: AttentionCall, p: SigmoidParams) -> AttentionOutput:
         bias=logit_bias(p, call.kv_len),
         is_causal=call.is_causal,
         kv_mask=call.kv_mask,
-        mask=_bool_mask(call),
-        attn_bias=_float_mask(call),
+        mask=bool_mask(call),
+        attn_bias=float_mask(call),
     )
     return AttentionOutput(out)
 

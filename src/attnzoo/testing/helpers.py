@@ -1,10 +1,13 @@
-"""Assertions a method family's own tests share: refusal before computation, low-precision training."""
+"""Assertions a method family's own tests share: refusal before computation, low-precision training,
+the largest allocation of a call."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .. import api
 
@@ -49,3 +52,19 @@ def assert_trains(
     assert out.dtype == dtype and out.isfinite().all()
     assert all(t.grad is not None and t.grad.dtype == dtype and t.grad.isfinite().all() for t in (q, k, v))
     return out
+
+
+class LargestAllocation(TorchDispatchMode):
+    """The largest storage (in elements of 4 bytes) any op produces while active: a method that
+    claims O(N) memory must never allocate an N x N tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // 4)
+        return out
