@@ -122,6 +122,9 @@ class Method:
     sequence for the fidelity suite, which measures the density actually reached).
     ``call_params(call)`` gives defaults that depend on the call for callers that have no choice
     of their own (the arena, model integrations): cosformer's ``max_len``, say.
+    ``query_mixing`` marks a method whose output for a query depends on other (earlier) queries
+    (flowformer's flow normalisation, cca's core tokens); with ``query_block`` and
+    ``shared_query`` it decides :attr:`rows_independent`.
     """
 
     name: str
@@ -143,6 +146,14 @@ class Method:
     shared_query: bool = False
     budget: Callable[[AttentionCall, int], dict[str, Any]] | None = None
     call_params: Callable[[AttentionCall], dict[str, Any]] | None = None
+    query_mixing: bool = False
+
+    @property
+    def rows_independent(self) -> bool:
+        """True when a query's output depends only on that query and the keys and values, so a
+        caller holding only the last queries (a model's KV cache at decode) can compute their rows
+        alone, the earlier queries replaced by anything."""
+        return not (self.query_mixing or self.shared_query or self.query_block is not None)
 
     def backend(self, name: str) -> Backend:
         if name == REFERENCE:

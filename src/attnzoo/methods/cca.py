@@ -235,6 +235,7 @@ CCA = register(
         capabilities=Capabilities(causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, lse=True),
         params=CCAParams,
         reference=reference,
+        query_mixing=True,  # a core token is weighted by its group's last query
         backends=(
             Backend("tiles", _run, description="raw window on the tile kernel + cores on the block kernel, merged"),
         ),

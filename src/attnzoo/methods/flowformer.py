@@ -275,6 +275,7 @@ FLOWFORMER = register(
         capabilities=Capabilities(causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, decode=True),
         params=FlowParams,
         reference=reference,
+        query_mixing=True,  # the sources' competition sums over the (earlier) queries' flows
         backends=(Backend("cumsum", cumsum, description="prefix sums for the flows, chunked core: O(N d^2)"),),
         test_params=({}, {"clamp": None, "chunk_size": 16}, {"eps": 1e-3, "chunk_size": 5}),
         decoder=Decoder(_init_state, _step),
