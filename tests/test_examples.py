@@ -34,3 +34,18 @@ def test_training_examples_train(name):
     spec.loader.exec_module(module)
     for first, last in module.main().values():
         assert last < 0.9 * first
+
+
+def test_transformers_swap_example(capsys):
+    pytest.importorskip("transformers")
+    from attnzoo.integrations import assets
+
+    if assets.minilm_unavailable():
+        pytest.skip(assets.minilm_unavailable())
+    spec = importlib.util.spec_from_file_location("attnzoo_example_swap", EXAMPLES / "transformers_swap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cosines = module.main([])
+    assert bool(((cosines["attnzoo_dense"] - 1).abs() < 1e-6).all())
+    assert bool((cosines["attnzoo_window"] < 0.9999).all())
+    assert "fallbacks: {}" in capsys.readouterr().out

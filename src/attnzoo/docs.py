@@ -45,6 +45,10 @@ def _method_section(m: Method) -> list[str]:
         lines.append(f"- `{b.name}`: {b.description}{requires}")
     if m.notes:
         lines += ["", m.notes]
+    if m.capabilities.causal:
+        from .integrations.transformers import decode_route
+
+        lines += ["", f"In a transformers model generating with a KV cache (docs/transformers.md): {decode_route(m)}."]
     return [*lines, ""]
 
 

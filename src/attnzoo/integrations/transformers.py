@@ -238,6 +238,16 @@ def _served_as_cross(spec: Method) -> bool:
     return spec.capabilities.cross and spec.name not in _CALL_RELATIVE_QUERIES
 
 
+def decode_route(spec: Method) -> str:
+    """How a call whose queries are the last positions of a longer KV cache is served (the
+    generated method docs quote it)."""
+    if _served_as_cross(spec):
+        return "served directly (queries aligned bottom-right)"
+    if spec.rows_independent:
+        return "served over the whole cache with the earlier queries zeroed, keeping the last rows (exact)"
+    return "falls back to exact attention (the method needs the earlier queries, which the cache does not keep)"
+
+
 def _run_method(spec: Method, params: dict, b: Binding, call: _Call, query: Tensor, key: Tensor, value: Tensor):
     lq, lk = query.shape[2], key.shape[2]
     if lq != lk and not _served_as_cross(spec):
@@ -349,4 +359,4 @@ def _attention_function(b: Binding) -> Callable:
     return attnzoo_attention
 
 
-__all__ = ["FallbackRefused", "MaskSpec", "fallbacks", "register", "unregister"]
+__all__ = ["FallbackRefused", "MaskSpec", "decode_route", "fallbacks", "register", "unregister"]
