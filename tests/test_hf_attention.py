@@ -172,6 +172,19 @@ def test_sliding_window_kwarg(name, lq):
     assert hf.fallbacks(n) == {}
 
 
+@pytest.mark.parametrize("method,params,keys", [("dense", {}, 300), ("sliding_window", {"window": (40, 0)}, 41)])
+def test_model_window_beyond_the_method_default(name, method, params, keys):
+    """A model window wider than sliding_window's default (256) is the model's, not the default;
+    a sliding_window registration keeps the narrower of its own and the model's."""
+    n = name(method, **params)
+    q, k, v = _qkv(b=1, lq=520, lk=520, d=8)
+    expected_fn = mu.sliding_window_causal_mask_function(keys)
+    expected = _sdpa(_module(True, 3), q, k, v, expected_fn, None)
+    model_fn = mu.sliding_window_causal_mask_function(300)
+    got = _ours(n, _module(True, 3), q, k, v, model_fn, None, sliding_window=300)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_softcap_and_sinks_fall_back_to_transformers_eager(name, caplog):
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager

@@ -140,7 +140,7 @@ def test_gemma3_sliding_layers_dense_equals_sdpa(tmp_path, names):
 
     path = assemble(str(tmp_path / "gemma3.gguf"))
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="gemma3.gguf")
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer.padding_side = "left"
     batch = tokenizer([" ".join(["word"] * 700), "short prompt"], return_tensors="pt", padding=True)
     results = {}

@@ -212,15 +212,15 @@ def _route(b: Binding, call: _Call, query: Tensor, key: Tensor, kwargs: dict) ->
     if call.dropout > 0 and not caps.dropout:
         return spec, params, "attention dropout (training)"
     if call.window is not None:
-        if spec.name == "dense":
-            spec, params = get_method("sliding_window"), {}
-        elif spec.name != "sliding_window":
-            return spec, params, f"the model's sliding_window={call.window} ({spec.name} cannot honour it)"
         model_window = (call.window - 1, 0) if call.causal else (call.window, call.window)
-        mine = params.get("window", spec.params().window)
-        params["window"] = tuple(
-            m if w is None else (w if m is None else min(w, m)) for w, m in zip(mine, model_window, strict=True)
-        )
+        if spec.name == "dense":
+            spec, params = get_method("sliding_window"), {"window": model_window}
+        elif spec.name == "sliding_window":
+            # the method's own window (default included) inside the model's
+            mine = spec.params.from_kwargs(spec.name, params).window
+            params["window"] = tuple(m if w is None else min(w, m) for w, m in zip(mine, model_window, strict=True))
+        else:
+            return spec, params, f"the model's sliding_window={call.window} ({spec.name} cannot honour it)"
     if call.causal and not caps.causal:
         return spec, params, f"causal attention ({spec.name} is non-causal only)"
     if not call.causal and not caps.noncausal:
