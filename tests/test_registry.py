@@ -15,7 +15,8 @@ def test_public_namespace():
     assert set(attnzoo.__all__) == {
         "AttentionCall", "AttentionOutput", "Backend", "BlockLayout", "Capabilities", "DecodeState", "Explanation",
         "Method", "NoBackendError", "Paper", "__version__", "attention", "collect_stats", "explain", "get_method",
-        "init_state", "merge_attention_states", "methods", "nn", "register", "step", "conventions",
+        "init_state", "merge_attention_states", "methods", "nn", "register", "step", "conventions", "Cache",
+        "state_size",
     }  # fmt: skip
     for name in attnzoo.__all__:
         assert hasattr(attnzoo, name)

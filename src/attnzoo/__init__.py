@@ -4,7 +4,8 @@ from . import conventions, nn
 from . import methods as _methods  # noqa: F401  (registers every method)
 from ._version import __version__
 from .api import Explanation, attention, explain
-from .decode import DecodeState, init_state, step
+from .cache import Cache
+from .decode import DecodeState, init_state, state_size, step
 from .errors import NoBackendError
 from .inputs import AttentionCall
 from .kernels.blocklayout import BlockLayout
@@ -17,6 +18,7 @@ __all__ = [
     "AttentionOutput",
     "Backend",
     "BlockLayout",
+    "Cache",
     "Capabilities",
     "DecodeState",
     "Explanation",
@@ -34,5 +36,6 @@ __all__ = [
     "methods",
     "nn",
     "register",
+    "state_size",
     "step",
 ]

@@ -89,10 +89,24 @@ class Decoder:
     state; ``step(call, state, params)`` attends the new tokens of ``call`` (queries, keys and
     values of ``n_new >= 1`` positions, causal, after everything in ``state``) and returns
     ``(AttentionOutput, new_state)``. A state has ``size_bytes() -> int``.
+
+    ``state_size(seq_len, kv_heads, head_dim, value_dim, params, query_heads)`` gives the elements
+    a state holds per batch row after ``seq_len`` tokens (Zoology's state size); ``size_bytes()``
+    is that times the batch and the element size. ``query_heads`` matters only to decoders that
+    also keep the queries (methods whose rows mix queries).
+
+    ``semantics(params)`` says what a step equals: ``"full"``, the
+    matching rows of causal attention over the whole sequence; ``"prefix"``, the last rows of
+    causal attention over every token seen so far (a query's row may depend on later queries of
+    its block or group, which decoding cannot know); ``"cross"``, causal (bottom-right) attention
+    of the step's queries alone over every key seen so far (the step's queries form their own
+    query blocks).
     """
 
     init_state: Callable[..., Any]
     step: Callable[[AttentionCall, Any, Any], tuple[AttentionOutput, Any]]
+    state_size: Callable[[int, int, int, int, Any, int], int] | None = None
+    semantics: Callable[[Any], str] = lambda params: "full"
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,16 @@ from torch import Tensor
 from .. import stats
 from ..inputs import AttentionCall
 from ..kernels.blocklayout import BlockLayout
+from ..kernels.linear import compute_dtype
 from ..params import MethodParams, param
-from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
+from ._cached import cross_decoder
 from ._selection import block_means, block_valid, causal_blocks, layout_from_selection, num_blocks, top_k_blocks
 from .block_sparse import causal_visibility, reference_layout, run_layout
+from .dense import KVCache, append_kv, init_kv_cache, kv_cache_size
 from .fixed_sparse import budget_block, mean_visible_keys
 
-CAPABILITIES = Capabilities(causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True)
+CAPABILITIES = Capabilities(causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True, decode=True)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -201,6 +204,53 @@ def _moba_budget(call: AttentionCall, keys: int) -> dict:
     return {"block_size": block, "top_k": max(1, min(n_blocks, top_k))}
 
 
+@dataclass(frozen=True)
+class MobaCache:
+    """Decode state: every key `[B, Hkv, N, D]` and value, and each key block's key sum
+    `[B, Hkv, nKB, D]` (float32; float64 for float64 inputs) so scoring costs O(N / block_size)."""
+
+    key: Tensor
+    value: Tensor
+    key_sums: Tensor
+    length: int
+
+    def size_bytes(self) -> int:
+        return self.key.nbytes + self.value.nbytes + self.key_sums.nbytes
+
+
+def _moba_init(batch, kv_heads, head_dim, value_dim, dtype, device, p) -> MobaCache:
+    kv = init_kv_cache(batch, kv_heads, head_dim, value_dim, dtype, device)
+    sums = torch.zeros(batch, kv_heads, 0, head_dim, dtype=compute_dtype(dtype), device=device)
+    return MobaCache(kv.key, kv.value, sums, 0)
+
+
+def _moba_step(call: AttentionCall, cache: MobaCache, p: MobaParams) -> tuple[AttentionOutput, MobaCache]:
+    """``"cross"`` semantics: the step's queries are cut into their own query blocks and scored
+    like :func:`moba_blocks` against the key blocks' means, read off the running sums instead of
+    the keys; only the selected blocks are attended."""
+    full, kv = append_kv(call, KVCache(cache.key, cache.value))
+    bs = p.block_size
+    n_kb = num_blocks(full.kv_len, bs)
+    blocks = (cache.length + torch.arange(call.kv_len, device=call.device)) // bs
+    sums = F.pad(cache.key_sums, (0, 0, 0, n_kb - cache.key_sums.shape[2]))
+    sums = sums.index_add(2, blocks, call.key.to(sums.dtype))
+    counts = (full.kv_len - torch.arange(n_kb, device=call.device) * bs).clamp(max=bs)
+    km = (sums / counts[:, None]).float()
+    qm = block_means(call.query, bs)
+    scores = (_per_kv_head(qm, call.kv_heads) @ km.transpose(-1, -2)).view(call.batch, call.q_heads, -1, n_kb)
+    cand, forced = candidates(full, bs)
+    chosen = top_k_blocks(scores, (cand | forced)[:, None], forced[:, None], p.top_k).expand(scores.shape)
+    out = _selected_run("moba", full, layout_from_selection(full, chosen, bs))
+    return out, MobaCache(kv.key, kv.value, sums, full.kv_len)
+
+
+def _moba_state_size(seq_len: int, kv_heads: int, head_dim: int, value_dim: int, p: MobaParams, hq: int) -> int:
+    return (
+        kv_cache_size(seq_len, kv_heads, head_dim, value_dim, p, hq)
+        + num_blocks(seq_len, p.block_size) * kv_heads * head_dim
+    )
+
+
 # ----------------------------------------------------------------------------- xattention
 def _strided_scores(call: AttentionCall, p: XAttentionParams) -> Tensor:
     """Float32 ``[B, Hq, nQB * bs/s, nKB * bs/s]``: antidiagonal scores of the stride groups,
@@ -310,6 +360,7 @@ MOBA = register(
         ),
         capabilities=CAPABILITIES,
         params=MobaParams,
+        decoder=Decoder(_moba_init, _moba_step, _moba_state_size, lambda p: "cross"),
         reference=moba_reference,
         backends=(Backend("blocks", _moba_run, description="top-k key blocks per query block, block-sparse kernel"),),
         test_params=({"block_size": 16, "top_k": 2}, {"block_size": 8, "top_k": 3}, {"block_size": 12, "top_k": 1}),
@@ -340,6 +391,7 @@ XATTENTION = register(
         ),
         capabilities=CAPABILITIES,
         params=XAttentionParams,
+        decoder=cross_decoder("xattention"),
         reference=xattention_reference,
         backends=(Backend("blocks", _xattention_run, description="threshold on antidiagonal block mass"),),
         test_params=(

@@ -22,6 +22,7 @@ from ..kernels.reference import softmax_reference
 from ..kernels.tiles import cached_layout
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ._cached import cached_decoder
 
 
 def run_layout(call: AttentionCall, layout: BlockLayout) -> AttentionOutput:
@@ -153,6 +154,15 @@ def _budget(call: AttentionCall, keys: int) -> dict[str, Any]:
     return {"mask_mod": _band(keys, call.is_causal), "block_size": 64}
 
 
+def _decode_min_len(p: BlockSparseParams) -> int:
+    """Decode by recomputation (``mask_mod`` sees absolute positions). A fixed ``layout`` is
+    built for one sequence length: the cache is padded to it (causal: the padding is invisible)."""
+    if p.layout is None:
+        return 1
+    layout = p.layout if isinstance(p.layout, BlockLayout) else BlockLayout.from_block_mask(p.layout)
+    return layout.q_len
+
+
 BLOCK_SPARSE = register(
     Method(
         name="block_sparse",
@@ -167,8 +177,11 @@ BLOCK_SPARSE = register(
             "Generating Long Sequences with Sparse Transformers (Child et al., 2019)",
             "https://arxiv.org/abs/1904.10509",
         ),
-        capabilities=Capabilities(causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True),
+        capabilities=Capabilities(
+            causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True, decode=True
+        ),
         params=BlockSparseParams,
+        decoder=cached_decoder("block_sparse", min_len=_decode_min_len),
         reference=reference,
         backends=(Backend("blocks", _run, description="gathered key blocks per query block (flash kernel on CPU)"),),
         test_params=(

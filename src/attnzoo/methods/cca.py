@@ -39,6 +39,7 @@ from ..kernels.reference import softmax_reference
 from ..kernels.tiles import cached_layout, tile_attention
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ._cached import cached_decoder
 from .fixed_sparse import mean_visible_keys
 
 RAW_TILE = 64  # query tile of the raw (local) part
@@ -232,8 +233,11 @@ CCA = register(
             "Core Context Aware Attention for Long Context Language Modeling (Chen et al., 2024)",
             "https://arxiv.org/abs/2412.12465",
         ),
-        capabilities=Capabilities(causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, lse=True),
+        capabilities=Capabilities(
+            causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, lse=True, decode=True
+        ),
         params=CCAParams,
+        decoder=cached_decoder("cca", keep_queries=True),
         reference=reference,
         query_mixing=True,  # a core token is weighted by its group's last query
         backends=(

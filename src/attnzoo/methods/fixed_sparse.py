@@ -26,10 +26,11 @@ from ..kernels.blocksparse import block_attention
 from ..kernels.tiles import cached_layout
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ._cached import cached_decoder
 from ._selection import num_blocks
 from .block_sparse import causal_visibility, reference_layout, run_layout
 
-CAPABILITIES = Capabilities(causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, lse=True)
+CAPABILITIES = Capabilities(causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, lse=True, decode=True)
 _M32 = 0xFFFFFFFF
 
 
@@ -302,6 +303,7 @@ BIGBIRD = register(
         ),
         capabilities=CAPABILITIES,
         params=BigBirdParams,
+        decoder=cached_decoder("bigbird"),
         reference=bigbird_reference,
         backends=(Backend("blocks", _bigbird_run, description="window, global and random blocks (block kernel)"),),
         test_params=(
@@ -409,6 +411,7 @@ SUBSAMPLED = register(
         ),
         capabilities=CAPABILITIES,
         params=SubsampledParams,
+        decoder=cached_decoder("subsampled"),
         reference=subsampled_reference,
         backends=(Backend("blocks", _subsampled_run, description="kept blocks per head (block kernel)"),),
         test_params=(

@@ -26,6 +26,7 @@ from ..inputs import AttentionCall
 from ..kernels.intervals import Axis, dilated_axis
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ._cached import cached_decoder
 from ._spatial import per_axis, reference_spatial, require, run_spatial, tile_edge
 
 
@@ -130,6 +131,32 @@ def _budget(call: AttentionCall, keys: int) -> dict:
     return {"kernel_size": budget_extents(call.spatial_shape, keys)}
 
 
+def _kds(p: NeighborhoodParams) -> tuple[int, int, int]:
+    """Decode (1-D): ``(kernel_size, dilation, stride)``."""
+    return tuple(per_axis(getattr(p, name), 1, name)[0] for name in ("kernel_size", "dilation", "stride"))
+
+
+def _min_len(p: NeighborhoodParams) -> int:
+    """Decode: the shortest sequence the check accepts. Padding up to exactly it leaves every row
+    unchanged: each dilation group then holds ``kernel_size`` positions, so a stride group's
+    clamped leader still reaches back to the group's first key."""
+    k, d, _ = _kds(p)
+    return k * d
+
+
+def _lookback(p: NeighborhoodParams) -> tuple[int, int]:
+    """Decode: a causal query sees back ``kernel_size - 1`` in-group steps; cutting the cache at a
+    multiple of ``dilation * stride`` keeps every dilation and stride group as it was. With
+    ``stride > 1`` a query's window depends on whether its stride group is complete, which a step
+    cannot know: decoding then gives the rows of the sequence seen so far (``"prefix"``)."""
+    k, d, s = _kds(p)
+    return (k - 1) * d, d * s
+
+
+def _semantics(p: NeighborhoodParams) -> str:
+    return "prefix" if _kds(p)[2] > 1 else "full"
+
+
 def reference(call: AttentionCall, p: NeighborhoodParams) -> AttentionOutput:
     """Dense softmax under the [N, N] mask built pairwise from NATTEN's definition, per axis."""
     return reference_spatial(call, p, _visible)
@@ -152,9 +179,10 @@ NEIGHBORHOOD = register(
         ),
         paper=Paper("Neighborhood Attention Transformer (Hassani et al., 2023)", "https://arxiv.org/abs/2204.07143"),
         capabilities=Capabilities(
-            causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2, 3)
+            causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, decode=True, spatial_dims=(1, 2, 3)
         ),
         params=NeighborhoodParams,
+        decoder=cached_decoder("neighborhood", min_len=_min_len, lookback=_lookback, semantics=_semantics),
         reference=reference,
         backends=(Backend("tiles", _run_tiles, description="query tiles over their neighbourhood box"),),
         test_params=({"kernel_size": 3}, {"kernel_size": 2, "dilation": 2, "stride": 2}),

@@ -37,6 +37,7 @@ from ..kernels.blocklayout import BlockLayout
 from ..kernels.blocksparse import block_attention
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ._cached import cached_decoder
 from ._selection import block_means, num_blocks, top_k_blocks
 from .block_sparse import causal_visibility, reference_layout
 from .fixed_sparse import budget_block
@@ -204,8 +205,12 @@ PBS = register(
             "Sparser Block-Sparse Attention via Token Permutation (Wang et al., 2025)",
             "https://arxiv.org/abs/2510.21270",
         ),
-        capabilities=Capabilities(causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, lse=True),
+        capabilities=Capabilities(
+            causal=True, noncausal=True, cross=False, gqa=True, kv_mask=True, lse=True, decode=True
+        ),
         params=PBSParams,
+        # a query block chooses its keys together: a step gives the rows of the sequence so far
+        decoder=cached_decoder("pbs", keep_queries=True, semantics=lambda p: "prefix"),
         reference=reference,
         backends=(Backend("blocks", _run, description="permuted keys, per-head block layout on the block kernel"),),
         test_params=(

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..api import attention
 from ..inputs import AttentionCall
 from ..kernels.intervals import axis_tiles, dilated_axis, identity_axis, product_layout
 from ..kernels.lse import merge_attention_states
 from ..kernels.reference import lse_dtype, softmax_reference
 from ..kernels.tiles import cached_layout, tile_attention
 from ..params import MethodParams, param
-from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
+from .dense import check_kv
 
 SEQUENCE_TILE = 64
 
@@ -128,6 +130,101 @@ def _run_tiles(call: AttentionCall, p: SlidingWindowParams) -> AttentionOutput:
     return AttentionOutput(out, lse if call.return_lse else None)
 
 
+@dataclass(frozen=True)
+class WindowCache:
+    """Decode state: the sink tokens (the first ``min(length, sinks)``), and a ring of the last
+    ``capacity = left * dilation`` tokens after them (all of them with ``left=None``), keys
+    `[B, Hkv, n, D]`, values `[B, Hkv, n, Dv]`. Position ``p >= sinks`` lives in ring slot
+    ``(p - sinks) % capacity``; positions follow from ``length`` (:func:`ring_positions`)."""
+
+    sink_key: Tensor
+    sink_value: Tensor
+    ring_key: Tensor
+    ring_value: Tensor
+    length: int
+
+    def size_bytes(self) -> int:
+        return sum(t.nbytes for t in (self.sink_key, self.sink_value, self.ring_key, self.ring_value))
+
+
+def ring_capacity(p: SlidingWindowParams) -> int | None:
+    """Past tokens a causal query may see beyond the sinks: ``left * dilation`` (the query's own
+    token comes with its step), ``None`` when unbounded."""
+    return None if p.window[0] is None else p.window[0] * p.dilation
+
+
+def ring_positions(length: int, filled: int, p: SlidingWindowParams, device) -> Tensor:
+    """Absolute positions of the ``filled`` ring slots after ``length`` tokens: slot ``s`` holds
+    the latest ``q < length`` with ``(q - sinks) % capacity == s``."""
+    slots = torch.arange(filled, device=device)
+    capacity = ring_capacity(p)
+    if capacity is None or capacity == 0:  # unbounded: in order; empty ring: no slots
+        return p.sinks + slots
+    return length - 1 - (length - 1 - p.sinks - slots) % capacity
+
+
+def _init_cache(batch, kv_heads, head_dim, value_dim, dtype, device, p) -> WindowCache:
+    def empty(dim: int) -> Tensor:
+        return torch.zeros(batch, kv_heads, 0, dim, dtype=dtype, device=device)
+
+    return WindowCache(empty(head_dim), empty(value_dim), empty(head_dim), empty(value_dim), 0)
+
+
+def _write_ring(ring: Tensor, new: Tensor, positions: Tensor, p: SlidingWindowParams) -> Tensor:
+    """The ring after writing ``new [B, Hkv, m, E]`` at absolute ``positions`` (all >= sinks)."""
+    capacity = ring_capacity(p)
+    if capacity is None or ring.shape[2] + new.shape[2] <= capacity:
+        return torch.cat([ring, new], dim=2)  # not wrapped yet: slots are consecutive
+    if capacity == 0:  # window (0, *): a query sees only itself and the sinks
+        return ring
+    keep = min(new.shape[2], capacity)
+    if ring.shape[2] < capacity:  # slots not yet filled are written below (they hold new positions)
+        ring = torch.nn.functional.pad(ring, (0, 0, 0, capacity - ring.shape[2]))
+    slots = (positions[-keep:] - p.sinks) % capacity
+    return ring.index_copy(2, slots, new[:, :, -keep:])  # out of place: an earlier state stays valid
+
+
+def _decode_step(
+    call: AttentionCall, cache: WindowCache, p: SlidingWindowParams
+) -> tuple[AttentionOutput, WindowCache]:
+    """Attend the new tokens over the sinks, the ring and themselves under the causal band of
+    absolute positions (one small masked dense call), then write them into the sinks or the ring."""
+    check_kv(call, cache.ring_key, cache.ring_value)
+    start, n, dev = cache.length, call.q_len, call.device
+    new_pos = start + torch.arange(n, device=dev)
+    key_pos = torch.cat(
+        [
+            torch.arange(cache.sink_key.shape[2], device=dev),
+            ring_positions(start, cache.ring_key.shape[2], p, dev),
+            new_pos,
+        ]
+    )
+    diff = new_pos[:, None] - key_pos[None, :]
+    left = start + n if p.window[0] is None else p.window[0]
+    band = (diff <= left * p.dilation) & (diff % p.dilation == 0)
+    visible = (diff >= 0) & (band | (key_pos < p.sinks)[None, :])
+    key = torch.cat([cache.sink_key, cache.ring_key, call.key], dim=2)
+    value = torch.cat([cache.sink_value, cache.ring_value, call.value], dim=2)
+    out = attention(call.query, key, value, attn_mask=visible, scale=call.scale)
+    to_sinks = max(0, min(n, p.sinks - start))
+    kept = WindowCache(
+        torch.cat([cache.sink_key, call.key[:, :, :to_sinks]], dim=2),
+        torch.cat([cache.sink_value, call.value[:, :, :to_sinks]], dim=2),
+        _write_ring(cache.ring_key, call.key[:, :, to_sinks:], new_pos[to_sinks:], p),
+        _write_ring(cache.ring_value, call.value[:, :, to_sinks:], new_pos[to_sinks:], p),
+        start + n,
+    )
+    return AttentionOutput(out), kept
+
+
+def _state_size(seq_len: int, kv_heads: int, head_dim: int, value_dim: int, p: SlidingWindowParams, hq: int) -> int:
+    """Elements per batch row: the sinks and the ring, bounded by ``sinks + left * dilation``."""
+    after = max(seq_len - p.sinks, 0)
+    capacity = ring_capacity(p)
+    ring = after if capacity is None else min(after, capacity)
+    return (min(seq_len, p.sinks) + ring) * kv_heads * (head_dim + value_dim)
+
+
 def _degenerate(call: AttentionCall) -> dict:
     return {"window": (None, None)}
 
@@ -153,8 +250,11 @@ SLIDING_WINDOW = register(
         paper=Paper(
             "Longformer: The Long-Document Transformer (Beltagy et al., 2020)", "https://arxiv.org/abs/2004.05150"
         ),
-        capabilities=Capabilities(causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True),
+        capabilities=Capabilities(
+            causal=True, noncausal=True, cross=True, gqa=True, kv_mask=True, lse=True, decode=True
+        ),
         params=SlidingWindowParams,
+        decoder=Decoder(_init_cache, _decode_step, _state_size),
         reference=reference,
         backends=(Backend("tiles", _run_tiles, description="query tiles over their key span (flash kernel on CPU)"),),
         test_params=({"window": (5, 3)}, {"window": (17, 0), "sinks": 2}, {"window": (3, 2), "dilation": 3}),
@@ -164,4 +264,4 @@ SLIDING_WINDOW = register(
     )
 )
 
-__all__ = ["SLIDING_WINDOW", "SlidingWindowParams", "window_visibility"]
+__all__ = ["SLIDING_WINDOW", "SlidingWindowParams", "WindowCache", "ring_positions", "window_visibility"]

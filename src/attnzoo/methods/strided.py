@@ -27,6 +27,7 @@ Cost: O(N s) for the local part plus O(N^2 / s) (strided) or O(N^2 c / s) (fixed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +43,7 @@ from ..kernels.lse import merge_attention_states
 from ..kernels.tiles import cached_layout
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Method, Paper, register
+from ._cached import cached_decoder
 from ._selection import num_blocks
 from .block_sparse import causal_visibility, reference_layout
 from .fixed_sparse import CAPABILITIES, global_query_layout, mean_visible_keys, run_planned
@@ -285,6 +287,7 @@ STRIDED = register(
         ),
         capabilities=CAPABILITIES,
         params=StridedParams,
+        decoder=cached_decoder("strided"),
         reference=reference,
         backends=(Backend("blocks", _run, description="band/chunk blocks + residue-class or summary blocks"),),
         test_params=(
@@ -383,6 +386,17 @@ def _longformer_budget(call: AttentionCall, keys: int) -> dict:
     return {"window": keys - 1 if call.is_causal else (keys - 1) // 2}
 
 
+def _seen_globals(p: LongformerParams, length: int) -> LongformerParams:
+    """Decode: global tokens not yet seen are neither queries nor keys of any row so far."""
+    return dataclasses.replace(p, global_tokens=tuple(t for t in p.global_tokens if t < length))
+
+
+def _longformer_lookback(p: LongformerParams) -> tuple[int, int] | None:
+    """Decode: without global tokens a query needs only the ``window`` keys before it (the
+    pattern is translation invariant: the cache may be cut anywhere)."""
+    return None if p.global_tokens else (p.window, 1)
+
+
 def _longformer_run(call: AttentionCall, p: LongformerParams) -> AttentionOutput:
     return run_planned("longformer", call, _longformer_plan(call, p))
 
@@ -402,6 +416,7 @@ LONGFORMER = register(
         ),
         capabilities=CAPABILITIES,
         params=LongformerParams,
+        decoder=cached_decoder("longformer", fit=_seen_globals, lookback=_longformer_lookback),
         reference=longformer_reference,
         backends=(Backend("blocks", _longformer_run, description="band + global key blocks, global rows apart"),),
         test_params=(

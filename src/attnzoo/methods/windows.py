@@ -25,6 +25,7 @@ from ..inputs import AttentionCall
 from ..kernels.intervals import Axis
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Method, Paper, register
+from ._cached import cached_decoder
 from ._spatial import per_axis, reference_spatial, require, run_spatial
 from .neighborhood import budget_extents
 
@@ -77,6 +78,18 @@ def _blocked_visible(x: Tensor, y: Tensor, size: int, axis: int, call: Attention
     return visible & (y <= x) if call.is_causal else visible
 
 
+def _blocked_min_len(p: BlockedLocalParams) -> int:
+    """Decode (1-D): the shortest sequence the check accepts, one block."""
+    return per_axis(p.block_size, 1, "block_size")[0]
+
+
+def _blocked_lookback(p: BlockedLocalParams) -> tuple[int, int]:
+    """Decode (1-D): a query sees back to its block's start minus the halo; blocks start at
+    multiples of ``block_size``, so the cache is cut there."""
+    b, h = per_axis(p.block_size, 1, "block_size")[0], per_axis(p.halo, 1, "halo")[0]
+    return b - 1 + h, b
+
+
 def blocked_reference(call: AttentionCall, p: BlockedLocalParams) -> AttentionOutput:
     """Dense softmax under the [N, N] mask: same block along every axis, widened by the halo."""
     return reference_spatial(call, p, _blocked_visible)
@@ -110,8 +123,11 @@ BLOCKED_LOCAL = register(
             "Scaling Local Self-Attention for Parameter Efficient Visual Backbones (Vaswani et al., 2021)",
             "https://arxiv.org/abs/2103.12731",
         ),
-        capabilities=Capabilities(causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, spatial_dims=(1, 2)),
+        capabilities=Capabilities(
+            causal=True, noncausal=True, gqa=True, kv_mask=True, lse=True, decode=True, spatial_dims=(1, 2)
+        ),
         params=BlockedLocalParams,
+        decoder=cached_decoder("blocked_local", min_len=_blocked_min_len, lookback=_blocked_lookback),
         reference=blocked_reference,
         backends=(
             Backend(

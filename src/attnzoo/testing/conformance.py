@@ -175,27 +175,52 @@ def check_prefix(spec: Method, backend: str, params: dict[str, Any], seed: int =
 
 
 def check_decode(spec: Method, params: dict[str, Any], seed: int = 0) -> CheckResult:
-    """Decoding in chunks of 1 and more tokens equals causal attention over the whole sequence."""
-    from ..decode import init_state, step
+    """Decoding in chunks of 1 and more tokens equals what the decoder promises
+    (``Decoder.semantics``): ``"full"``, causal attention over the whole sequence; ``"prefix"``,
+    at each step the last rows of causal attention over the tokens so far (a step whose prefix the
+    method refuses, shorter than its kernel, has nothing to compare with and is skipped; most are
+    not); ``"cross"``, at each step causal attention of the step's queries over the keys so far.
+    The state's size is ``state_size`` elements per batch row."""
+    from ..decode import init_state, state_size, step
 
     shape = Shape(2, 4, 2 if spec.capabilities.gqa else 4, 37, 37, 8, 8)
     q, k, v = random_qkv(shape, seed, spec=spec)
     sampled = sampled_params(spec, q, k, v, seed)
+    semantics = spec.decoder.semantics(spec.params(**params))
     full = attention(q, k, v, is_causal=True, method=spec.name, **params, **sampled)
     state = init_state(spec.name, batch=2, kv_heads=shape.kv_heads, head_dim=8, dtype=torch.float64, **params)
-    outs, start, sizes = [], 0, []
+    outs, start, sizes, expected, failures = [], 0, [], [], []
     for n in (1, 1, 5, 1, 13, 16):
-        new = slice(start, start + n)
-        per_step = slice_params(sampled, shape.kv_len, start, start + n)
+        begin, end = start, start + n
+        new, start = slice(begin, end), end
+        per_step = slice_params(sampled, shape.kv_len, begin, end)
         out, state = step(q[:, :, new], k[:, :, new], v[:, :, new], state, **per_step)
         outs.append(out)
         sizes.append(state.size_bytes())
-        start += n
-    err = _error(torch.cat(outs, dim=2), full)
-    failures = [] if err <= 1e-9 else [f"decode differs from the full sequence by {err:.3g}"]
-    if state.length != shape.q_len or min(sizes) <= 0:
-        failures.append(f"state reports length {state.length} and sizes {sizes}")
+        bound = state_size(spec.name, end, kv_heads=shape.kv_heads, head_dim=8, query_heads=shape.q_heads, **params)
+        expected.append(bound * 2 * 8)
+        cut = slice_params(sampled, shape.kv_len, 0, end)
+        if semantics == "cross":
+            want = attention(q[:, :, new], k[:, :, :end], v[:, :, :end], is_causal=True, method=spec.name, **params)
+            failures += _differs(f"step ending at {end}", out, want)
+        elif semantics == "prefix":
+            try:
+                want = attention(
+                    q[:, :, :end], k[:, :, :end], v[:, :, :end], is_causal=True, method=spec.name, **params, **cut
+                )
+            except ValueError:  # a prefix shorter than the method accepts: nothing to compare
+                continue
+            failures += _differs(f"step ending at {end}", out, want[:, :, begin:end])
+    if semantics == "full":
+        failures += _differs("decode", torch.cat(outs, dim=2), full)
+    if state.length != shape.q_len or min(sizes) <= 0 or sizes != expected:
+        failures.append(f"state reports length {state.length} and sizes {sizes}, state_size gives {expected}")
     return CheckResult("decode", f"{spec.name}-decode", not failures, "; ".join(failures))
+
+
+def _differs(what: str, found: torch.Tensor, want: torch.Tensor) -> list[str]:
+    err = _error(found, want)
+    return [] if err <= 1e-9 else [f"{what} differs from the attention it stands for by {err:.3g}"]
 
 
 def check_degenerate(spec: Method, backend: str, seed: int = 0) -> CheckResult | None:
