@@ -264,8 +264,8 @@ def _strided_scores(call: AttentionCall, p: XAttentionParams) -> Tensor:
     k = F.pad(k, (0, 0, 0, nk * bs - call.kv_len))
     B, Hq, D = call.batch, call.q_heads, call.head_dim
     rows, cols = nq * bs // s, nk * bs // s
-    q_strided = q.view(B, Hq, rows, s, D).flip(3).reshape(B, Hq, rows, s * D)
-    k_strided = k.view(B, call.kv_heads, cols, s * D)
+    q_strided = q.reshape(B, Hq, rows, s, D).flip(3).reshape(B, Hq, rows, s * D)
+    k_strided = k.reshape(B, call.kv_heads, cols, s * D)
     scores = _per_kv_head(q_strided, call.kv_heads) @ k_strided.transpose(-1, -2)
     return scores.view(B, Hq, rows, cols).mul_(call.scale / s)
 
