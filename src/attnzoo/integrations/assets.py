@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import unittest.mock
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,15 @@ def smollm2() -> tuple[Any, Any]:
         raise RuntimeError(message)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     folder = str(smollm2_dir())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, local_files_only=True
-    ).eval()
+    # the de-quantisation loop draws its own tqdm bar, which disable_progress_bar() does not reach
+    with unittest.mock.patch.object(gguf_utils, "tqdm", lambda items, **kwargs: items):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, local_files_only=True
+        ).eval()
     return tokenizer, model
 
 
