@@ -74,7 +74,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("arena", help="run the benchmark suites into a database and write the report")
     p.add_argument("--suite", type=_names, default=SUITES, help=f"comma-separated suites (default: {','.join(SUITES)})")
     p.add_argument("--methods", type=_names, help="comma-separated methods (default: every registered method)")
-    p.add_argument("--sizes", type=_sizes, help="comma-separated sequence lengths (default: each suite's own)")
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        help="comma-separated sequence lengths (default: each suite's own; swap: SmolLM2's window lengths)",
+    )
     p.add_argument("--quick", action="store_true", help="the quick settings (10 minutes or less on 2 cores)")
     p.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default: {DEFAULT_DB})")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"report folder (default: {DEFAULT_OUT})")

@@ -211,3 +211,40 @@ def fidelity_plot(groups: Sequence[FidelityGroup], styles: Styles) -> bytes | No
     figure.suptitle("Fidelity: error vs density (sparse methods)", fontsize=12, fontweight="bold")
     _legend(figure, axes)
     return _png(figure)
+
+
+# Content-selected methods solid with filled markers, fixed patterns dashed with open ones, the rest dotted.
+_SWAP_GROUPS = {
+    "content-selected": {"linestyle": "-", "marker": "o", "fillstyle": "full"},
+    "fixed pattern": {"linestyle": "--", "marker": "s", "fillstyle": "none"},
+    "other": {"linestyle": ":", "marker": "^", "fillstyle": "none"},
+}
+
+
+def swap_plot(curves: dict[int, dict[tuple[str, str], list[tuple[float, float]]]], styles: Styles) -> bytes | None:
+    """Perplexity ratio to dense vs density, one panel per N: ``curves[N][(method, group)]`` holds
+    ``(density, ratio)`` points, ``group`` one of ``"content-selected"``, ``"fixed pattern"`` or
+    ``"other"`` (drawn solid, dashed and dotted)."""
+    panels = {n: found for n, found in sorted(curves.items()) if any(found.values())}
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels), 2, 6.0, 3.8)
+    for ax, (n, found) in zip(axes, panels.items()):
+        lowest = min((p[0] for points in found.values() for p in points if p[0] > 0), default=1.0)
+        # The budgets span 1/16 to 1/2: a fixed range keeps panels comparable when few points are drawn.
+        ax.set_xlim(min(1 / 24, lowest / 1.5), 1.5)
+        for (method, group), points in sorted(found.items(), key=lambda item: (item[0][1], item[0][0])):
+            points = sorted(p for p in points if p[0] > 0 and p[1] > 0)
+            if not points:
+                continue
+            label = f"{method} ({group})"
+            style = {**styles(method), **_SWAP_GROUPS.get(group, _SWAP_GROUPS["other"])}
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, markersize=5, linewidth=1.4, **style)
+        ax.axhline(1.0, color="black", linewidth=1.0, label="dense")
+        _style_axes(
+            ax, f"SmolLM2-135M, N={n}", "density (share of allowed pairs)", "perplexity / dense", fractions=True
+        )
+        _plain_log_labels(ax)
+    figure.suptitle("Swap: perplexity relative to dense vs density", fontsize=12, fontweight="bold")
+    _legend(figure, axes)
+    return _png(figure)

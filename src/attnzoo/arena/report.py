@@ -334,9 +334,13 @@ def build_report(rows: Sequence[Row], db_path: Path) -> list[Block]:
     out.add(Heading(2, "Problems"), *_problems(rows))
     labels = [plots.label_for(key) for key in speed_series(rows)]
     labels += [plots.label_for(SeriesKey(g.method, g.variant, "", g.causal)) for g in fidelity_groups(rows)]
-    styles = plots.Styles(labels)
+    # Imported here: report_swap reuses this module's cell formatters.
+    from .report_swap import swap_labels, swap_section
+
+    styles = plots.Styles([*labels, *swap_labels(rows)])
     _speed_section(rows, out, styles)
     _fidelity_section(rows, out, styles)
+    out.add(*swap_section(rows, styles))
     return out.blocks
 
 

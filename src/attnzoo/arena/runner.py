@@ -21,10 +21,10 @@ from typing import Any, TextIO
 import torch
 
 from ..registry import Method, get_method, methods
-from . import fidelity, speed
+from . import fidelity, speed, swap
 from .store import Cell, Store, StoreError
 
-SUITES = ("speed", "fidelity")
+SUITES = ("speed", "fidelity", "swap")
 DEFAULT_DB = Path("arena-results") / "arena.db"
 DEFAULT_OUT = Path("arena-results")
 
@@ -91,7 +91,15 @@ def plan(config: ArenaConfig) -> list[Planned]:
         fidelity_config = fidelity.QUICK if config.quick else fidelity.FidelityConfig()
         for cell in fidelity.plan(chosen, fidelity_config, config.threads, sizes=config.sizes):
             planned.append(Planned(cell, _bind(fidelity.measure, cell, fidelity_config), fidelity.estimate_bytes(cell)))
+    if "swap" in config.suites:
+        swap_config = swap.QUICK if config.quick else swap.SwapConfig()
+        for cell in swap.plan(chosen, swap_config, config.threads, sizes=config.sizes):
+            planned.append(Planned(cell, _bind(swap.measure, cell, swap_config), swap.estimate_bytes(cell)))
     return planned
+
+
+# Per suite: why a cell's inputs cannot be loaded here (a model package missing), else None.
+_UNAVAILABLE: dict[str, Callable[[Cell], str | None]] = {"fidelity": fidelity.unavailable, "swap": swap.unavailable}
 
 
 def _bind(fn: Callable[[Cell, Any], dict[str, Any]], cell: Cell, suite_config: Any) -> Callable[[], dict[str, Any]]:
@@ -205,7 +213,7 @@ def run(config: ArenaConfig, stream: TextIO = sys.stderr) -> RunSummary:
         progress = Progress(len(todo), stream)
         for done, item in enumerate(todo, 1):
             progress.update(done - 1, item.cell.label())
-            unavailable = fidelity.unavailable(item.cell) if item.cell.suite == "fidelity" else None
+            unavailable = _UNAVAILABLE[item.cell.suite](item.cell) if item.cell.suite in _UNAVAILABLE else None
             if unavailable:
                 family = get_method(item.cell.method).family
                 values = {"status": "not_installed", "message": unavailable, "family": family}
