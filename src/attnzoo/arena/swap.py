@@ -80,9 +80,15 @@ def smollm2_methods(methods: list[Method]) -> list[Method]:
 
 
 def plan(methods: list[Method], config: SwapConfig, threads: int, sizes: tuple[int, ...] | None = None) -> list[Cell]:
-    """Every cell: MiniLM x method x budget, then SmolLM2 x N x method x budget (``sizes``, when
-    given, replace ``config.lm_sizes``). ``dense`` runs once per model and N, with budget None."""
+    """Every cell: SmolLM2 x N x method x budget (``sizes``, when given, replace
+    ``config.lm_sizes``; shortest first, the perplexity comparison being the suite's headline),
+    then MiniLM x method x budget. ``dense`` runs once per model and N, with budget None."""
     cells = []
+    for n in sorted(sizes or config.lm_sizes):
+        shape = {"model": SMOLLM2, "text": corpus.source(), "B": 1, "N": n, "causal": True}
+        for spec in smollm2_methods(methods):
+            for budget in (None,) if spec.name == "dense" else config.budgets:
+                cells.append(Cell(SUITE, spec.name, "default", {"budget": budget}, dict(shape), threads=threads))
     items = len(corpus.retrieval_corpus(config.retrieval_items))
     minilm_shape = {
         "model": MINILM,
@@ -94,11 +100,6 @@ def plan(methods: list[Method], config: SwapConfig, threads: int, sizes: tuple[i
     for spec in minilm_methods(methods):
         for budget in (None,) if spec.name == "dense" else config.budgets:
             cells.append(Cell(SUITE, spec.name, "default", {"budget": budget}, dict(minilm_shape), threads=threads))
-    for n in sizes or config.lm_sizes:
-        shape = {"model": SMOLLM2, "text": corpus.source(), "B": 1, "N": n, "causal": True}
-        for spec in smollm2_methods(methods):
-            for budget in (None,) if spec.name == "dense" else config.budgets:
-                cells.append(Cell(SUITE, spec.name, "default", {"budget": budget}, dict(shape), threads=threads))
     return cells
 
 
