@@ -130,7 +130,12 @@ def decoder(build: Build, feature_dim: Callable[[int, Any], int], normalize: Cal
         out, new = run(call, p, build(call, p, state.length), "chunk", state)
         return AttentionOutput(out), new
 
-    return Decoder(init, step)
+    def size(seq_len: int, kv_heads: int, head_dim: int, value_dim: int, p: Any, query_heads: int) -> int:
+        """``Dk x Dv`` (and the ``Dk`` normaliser) per key/value head, whatever the length."""
+        f = feature_dim(head_dim, p)
+        return kv_heads * f * (value_dim + (1 if normalize(p) else 0))
+
+    return Decoder(init, step, size)
 
 
 def make_check(

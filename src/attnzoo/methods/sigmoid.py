@@ -34,7 +34,7 @@ from ..inputs import AttentionCall
 from ..kernels.masks import dense_visibility
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
-from .dense import KVCache, append_kv, bool_mask, float_mask, init_kv_cache
+from .dense import KVCache, append_kv, bool_mask, float_mask, init_kv_cache, kv_cache_size
 
 Q_BLOCK = 128
 
@@ -294,7 +294,7 @@ SIGMOID = register(
             ),
         ),
         test_params=({"bias": -2.0}, {"bias": -4.0}, {"bias": 0.5}),
-        decoder=Decoder(_init_kv_cache, _step),
+        decoder=Decoder(_init_kv_cache, _step, kv_cache_size),
         notes=(
             "exact=False: the exact flag means 'equals softmax attention'; sigmoid attention is another "
             "function, computed here without approximation. bias=None (-log(Nk)) depends on the call's "
