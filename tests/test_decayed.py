@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import attnzoo
 from attnzoo.api import prepare
-from attnzoo.kernels.linear import LinearState
+from attnzoo.kernels.linear_state import LinearState
 from attnzoo.methods.lightning import lightning_decays, lightning_slopes
 from attnzoo.methods.transnormer import DiagState, diag_layout
 from attnzoo.testing.helpers import assert_refused, assert_trains

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.kernels.linear import LinearState
+from attnzoo.kernels.linear_state import LinearState
 from attnzoo.methods import performer
 from attnzoo.testing.helpers import assert_refused, assert_trains
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.kernels.linear import LinearState, linear_attention
+from attnzoo.kernels.linear import linear_attention
+from attnzoo.kernels.linear_state import LinearState
 from attnzoo.testing.helpers import assert_refused, assert_trains
 
 KINDS = ("none", "constant", "scalar", "diagonal")

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..inputs import AttentionCall
-from ..kernels.linear import LinearState, check_state, empty_state, linear_attention
+from ..kernels.linear import linear_attention
+from ..kernels.linear_state import LinearState, check_state, empty_state
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Decoder
 

@@ -54,7 +54,7 @@ from torch import Tensor
 from .. import stats
 from ..inputs import AttentionCall
 from ..kernels.blocklayout import BlockLayout
-from ..kernels.linear import compute_dtype
+from ..kernels.linear_state import compute_dtype
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
 from ._cached import cross_decoder

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import AttentionCall
-from ..kernels.linear import compute_dtype
+from ..kernels.linear_state import compute_dtype
 from ..params import param
 from ..registry import Capabilities, Decoder, Method, Paper, register
 from . import _recurrent as rec

@@ -31,7 +31,7 @@ Conventions:
 
 Runs as the chunkwise WY/UT form of the shared core for training and prefill (``chunk``), the
 token loop as the reference, and decodes in O(1) per token from a
-:class:`~attnzoo.kernels.linear.LinearState`. The core's quadratic ``parallel`` form is not a
+:class:`~attnzoo.kernels.linear_state.LinearState`. The core's quadratic ``parallel`` form is not a
 backend: its one N x N triangular solve (and, gated, its sequence-wide cumulative log decay) is
 5-10x less accurate in float32 at N = 1000 than the token loop.
 """
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..inputs import AttentionCall
-from ..kernels.linear import compute_dtype
+from ..kernels.linear_state import compute_dtype
 from ..params import param
 from ..registry import Capabilities, Method, Paper, register
 from . import _recurrent as rec

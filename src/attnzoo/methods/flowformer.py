@@ -49,7 +49,8 @@ import torch
 from torch import Tensor
 
 from ..inputs import AttentionCall
-from ..kernels.linear import LinearState, compute_dtype, linear_attention
+from ..kernels.linear import linear_attention
+from ..kernels.linear_state import LinearState, compute_dtype
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..inputs import AttentionCall
 from ..kernels.features import check_normalizable, feature_map
-from ..kernels.linear import LinearState
+from ..kernels.linear_state import LinearState
 from ..params import param
 from ..registry import AttentionOutput, Capabilities, Decoder, Method, Paper, register
 from . import _recurrent as rec

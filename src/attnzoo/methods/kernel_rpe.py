@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..inputs import AttentionCall
 from ..kernels.features import feature_map as simple_feature_map
-from ..kernels.linear import compute_dtype
+from ..kernels.linear_state import compute_dtype
 from ..params import MethodParams, param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
 from .performer import (

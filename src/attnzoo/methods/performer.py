@@ -34,7 +34,7 @@ are both huge (scores ``scale q.k`` spread over more than about +-100, where the
 variance is astronomical anyway) a row's terms can span more than float32's range and its
 denominator can underflow; float64 inputs reach much further. Non-causal calls use the maximum and
 sums over all real keys. The state (``return_state``, decoding) is a :class:`PerformerState`: the
-shared :class:`~attnzoo.kernels.linear.LinearState` plus the log scale ``m``. ``normalize=False``
+shared :class:`~attnzoo.kernels.linear_state.LinearState` plus the log scale ``m``. ``normalize=False``
 uses the unshifted features (the un-normalised sum has the magnitude of ``exp(scale q.k)`` anyway).
 Features are computed in float32 (float64 for float64 inputs).
 """
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import AttentionCall
-from ..kernels.linear import LinearState, check_state, compute_dtype, empty_state
+from ..kernels.linear_state import LinearState, check_state, compute_dtype, empty_state
 from ..params import param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
 from . import _recurrent as rec
@@ -56,7 +56,7 @@ from . import _recurrent as rec
 
 @dataclass(frozen=True)
 class PerformerState(LinearState):
-    """A :class:`~attnzoo.kernels.linear.LinearState` whose state and normaliser are scaled by
+    """A :class:`~attnzoo.kernels.linear_state.LinearState` whose state and normaliser are scaled by
     ``exp(-log_scale)``: ``log_scale [B, Hkv]`` is the running maximum of the key log-features
     (``-inf`` before the first real key); ``None`` with ``normalize=False`` (unscaled)."""
 

@@ -13,7 +13,7 @@ sqrt(var + eps)``, no affine) or ``"none"`` (the layer normalises, e.g. over the
 as TransNormer's code does). The scale multiplies the query features; a norm divides it out (up to
 ``eps``). A row with no visible key is 0 (its norm stays 0). The norm acts on each row alone, so
 causal calls do not leak. It runs on the shared recurrence (chunkwise, parallel, recurrent forms;
-O(1) decoding); ``return_state`` gives the un-normalised :class:`~attnzoo.kernels.linear.LinearState`.
+O(1) decoding); ``return_state`` gives the un-normalised :class:`~attnzoo.kernels.linear_state.LinearState`.
 
 ``part="diag"`` (DiagAttention): softmax attention (scale ``scale``) inside non-overlapping blocks
 of ``block_size`` positions: query ``i`` sits at key position ``p_i = i + Nk - Nq`` (the library's
@@ -38,7 +38,7 @@ from torch import Tensor
 from ..inputs import AttentionCall
 from ..kernels.blocklayout import BlockLayout, MaskMod
 from ..kernels.features import feature_map
-from ..kernels.linear import LinearState, check_state, compute_dtype, empty_state
+from ..kernels.linear_state import LinearState, check_state, compute_dtype, empty_state
 from ..kernels.tiles import cached_layout
 from ..params import param
 from ..registry import AttentionOutput, Backend, Capabilities, Decoder, Method, Paper, register
